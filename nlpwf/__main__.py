@@ -1,0 +1,3 @@
+from nlpwf.cli import main
+
+main()

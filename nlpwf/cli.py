@@ -1,0 +1,88 @@
+"""`python -m nlpwf` / `nlpwf`: the Hydra entrypoint.
+
+The task function runs one job. A job of one process trains here; a job of several
+processes (nodes × compute.processes_per_node) starts them as workers on this machine, each
+re-entering this same entrypoint with the job's resolved config and the env contract of
+distributed.py, exactly as Azure ML starts them on its nodes.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from nlpwf import CONF_DIR, distributed, outputs, stages
+from nlpwf.errors import UserError
+
+log = logging.getLogger("nlpwf")
+
+JOB_CONFIG = "nlpwf_job.yaml"
+
+
+def write_job_config(cfg: DictConfig, path: Path) -> Path:
+    """The job's fully resolved config: what every worker, local or remote, runs from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def worker_command(config_file: Path | str, run_dir: Path | str, python: str = sys.executable) -> list[str]:
+    """Re-enter the CLI with a job's resolved config. The run dir is pinned: several
+    processes (and a remote node) must agree on it, and `${now:}` would not."""
+    config_file = Path(config_file)
+    return [
+        python, "-m", "nlpwf",
+        f"--config-path={config_file.parent}", f"--config-name={config_file.stem}",
+        f"hydra.run.dir={_quote(str(run_dir))}", "hydra.output_subdir=null", "hydra.job.name=nlpwf",
+    ]
+
+
+def run_local_workers(cfg: DictConfig, job_dir: Path) -> dict:
+    world = cfg.nodes * cfg.compute.processes_per_node
+    # An Azure VM size emulated here keeps its process layout but not its thread count.
+    configured = cfg.compute.threads_per_process if cfg.compute.name == "local" else None
+    threads = distributed.threads_per_process(configured, world)
+    config_file = write_job_config(cfg, job_dir / JOB_CONFIG)
+    code = distributed.run_workers(worker_command(config_file, job_dir), cfg.nodes, cfg.compute.processes_per_node, threads=threads)
+    if code == UserError.exit_code:
+        raise UserError("a worker rejected the job's input (its message is above): fix it and run again")
+    if code != 0:
+        raise RuntimeError(f"a worker process failed with exit code {code}; its output is above")
+    metrics = outputs.read_metrics(job_dir)
+    if metrics is None:
+        raise RuntimeError(f"the workers finished but rank 0 wrote no {outputs.METRICS_FILE} in {job_dir}")
+    return metrics
+
+
+def run(cfg: DictConfig) -> float | None:
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    stage = stages.get(cfg.stage.name)
+    if distributed.from_env() is not None:  # one rank of a job someone else started
+        result = stage(cfg, job_dir)
+    else:
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+        stages.check(cfg)
+        if cfg.nodes * cfg.compute.processes_per_node > 1 and cfg.stage.name == "train":
+            result = run_local_workers(cfg, job_dir)
+        else:
+            result = stage(cfg, job_dir)
+    if result is None:
+        return None
+    return result.get(cfg.objective)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return run(cfg)
+    except UserError as e:
+        print(f"nlpwf: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(UserError.exit_code)

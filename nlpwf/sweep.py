@@ -1,0 +1,69 @@
+"""The table at the end of a --multirun: one row per job, overrides then metrics."""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Iterable
+
+from hydra.core.utils import JobReturn, JobStatus
+
+from nlpwf import outputs
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.csv"
+METRIC_COLUMNS = ["eval_accuracy", "eval_f1", "eval_loss", "train_loss", "train_runtime", "train_samples_per_second"]
+
+
+def row(run: JobReturn) -> dict:
+    job_dir = Path(run.hydra_cfg.hydra.runtime.output_dir) if run.hydra_cfg else None
+    metrics = (outputs.read_metrics(job_dir) if job_dir else None) or {}
+    out = {
+        "job": run.hydra_cfg.hydra.job.num if run.hydra_cfg else "",
+        "overrides": " ".join(run.overrides or []),
+        "status": run.status.name,
+    }
+    out.update({k: metrics.get(k, "") for k in METRIC_COLUMNS})
+    out["error"] = str(run._return_value) if run.status == JobStatus.FAILED else ""
+    out["job_dir"] = str(job_dir or "")
+    return out
+
+
+class Summary:
+    """Accumulates rows across the sweeper's batches and rewrites summary.csv after each."""
+
+    def __init__(self, sweep_dir: str | Path, objective: str | None) -> None:
+        self.path = Path(sweep_dir) / SUMMARY_FILE
+        self.objective = objective
+        self.rows: list[dict] = []
+
+    def add(self, runs: Iterable[JobReturn]) -> None:
+        self.rows.extend(row(r) for r in runs)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+        log.info("sweep summary (%s):\n%s", self.path, self.table())
+
+    def table(self) -> str:
+        cols = ["job", "overrides", "status"] + [c for c in METRIC_COLUMNS[:4]]
+        cells = [[_fmt(r[c]) for c in cols] for r in self.rows]
+        widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+        lines += ["  ".join(x.ljust(w) for x, w in zip(cells_row, widths)) for cells_row in cells]
+        best = self.best()
+        if best:
+            lines.append(f"best {self.objective}: {_fmt(best[self.objective])} (job {best['job']}: {best['overrides']})")
+        return "\n".join(lines)
+
+    def best(self) -> dict | None:
+        done = [r for r in self.rows if isinstance(r.get(self.objective), (int, float))]
+        return max(done, key=lambda r: r[self.objective]) if done else None
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
