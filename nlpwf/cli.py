@@ -62,7 +62,14 @@ def run_local_workers(cfg: DictConfig, job_dir: Path) -> dict:
     return metrics
 
 
+def _quiet_third_party() -> None:
+    # torchao (pulled in by Neural Compressor) warns on import about GPU kernels a CPU never uses.
+    for name in ("torchao", "torchao.kernel.intmm"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def run(cfg: DictConfig) -> float | None:
+    _quiet_third_party()
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     stage = stages.get(cfg.stage.name)
     if distributed.from_env() is not None:  # one rank of a job someone else started

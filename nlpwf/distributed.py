@@ -91,6 +91,25 @@ def init_process_group(rank: Rank, timeout_s: float) -> str:
     return name
 
 
+def parameter_digests(model) -> list[str]:
+    """A hash of this rank's parameters, gathered from every rank: DDP replicas must agree."""
+    import hashlib
+
+    import torch
+    import torch.distributed as dist
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for p in model.parameters():
+            h.update(p.detach().float().contiguous().cpu().numpy().tobytes())
+    mine = h.hexdigest()[:16]
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 METRICS_FILE = "metrics.json"
 MODEL_DIR = "model"
+TRAIN_LOG_FILE = "train_log.csv"
 
 
 def _umask() -> int:
@@ -49,3 +50,16 @@ def publish_dir(staged: Path, final: Path) -> None:
 def read_metrics(job_dir: Path) -> dict | None:
     path = Path(job_dir) / METRICS_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_train_log(path: Path, history: list[dict]) -> None:
+    """transformers' log history (one dict per logging or eval step) as a CSV table."""
+    import csv
+
+    columns = ["step", "epoch"] + sorted({k for h in history for k in h} - {"step", "epoch"})
+    tmp = Path(path).with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)

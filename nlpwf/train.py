@@ -105,6 +105,9 @@ def run(cfg: DictConfig, job_dir: Path) -> dict | None:
     train_metrics = trainer.train().metrics
     eval_metrics = _final_eval(trainer)
 
+    digests = distributed.parameter_digests(trainer.model)
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"DDP replicas ended with different parameters (digests {digests}): training is not synchronised")
     staged = outputs.staging_dir(job_dir / outputs.MODEL_DIR) if rank.is_main else None
     trainer.save_model(str(staged) if staged else None)  # only the main process writes
     if not rank.is_main:
@@ -115,8 +118,10 @@ def run(cfg: DictConfig, job_dir: Path) -> dict | None:
         "threads_per_process": threads, "backend": backend or "none", "precision": cfg.precision.name,
         "model": cfg.model.name, "dataset": cfg.dataset.name, "eval_split": cfg.dataset.eval_split,
         "train_pairs": len(encoded["train"]), "eval_pairs": len(encoded["eval"]),
+        "parameter_digests": digests,
     }
     outputs.publish_dir(staged, job_dir / outputs.MODEL_DIR)
+    outputs.write_train_log(job_dir / outputs.TRAIN_LOG_FILE, trainer.state.log_history)
     outputs.write_json(job_dir / outputs.METRICS_FILE, result)
     log.info("eval_accuracy %.4f, eval_f1 %.4f; model and metrics in %s", result["eval_accuracy"], result["eval_f1"], job_dir)
     return result
