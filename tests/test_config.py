@@ -1,0 +1,78 @@
+"""Every config option composes, presets say what they promise, and overrides behave."""
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import compose
+from nlpwf import CONF_DIR
+
+# conf/GROUP/OPTION.yaml for the groups a job composes (hydra's own groups excluded).
+OPTIONS = sorted((p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml"))
+
+
+def test_every_group_has_options():
+    groups = {g for g, _ in OPTIONS}
+    assert {"model", "dataset", "precision", "compute", "launcher", "logger", "experiment", "hparams_search", "stage"} <= groups
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_resolves(group, option):
+    cfg = compose(f"{group}={option}")
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert container["nodes"] >= 1
+    # An option of a non-global group lands in its own node.
+    if group in ("model", "dataset", "precision", "compute", "logger", "stage"):
+        assert cfg[group].name == option or group == "compute"
+
+
+def test_default_is_the_offline_quickstart():
+    cfg = compose()
+    assert (cfg.model.name, cfg.dataset.name, cfg.precision.name, cfg.compute.name) == ("minilm_l6", "paraphrase_sample", "fp32", "local")
+    assert cfg.model.source.startswith("package:")
+    assert cfg.stage.name == "train" and cfg.nodes == 1
+
+
+def test_mrpc_seed_is_the_seed_recipe():
+    cfg = compose("experiment=mrpc_seed")
+    t = cfg.training
+    assert cfg.model.name == "bert_base_uncased" and cfg.model.config.num_hidden_layers == 12
+    assert cfg.model.config.hidden_size == 768 and cfg.model.config.max_position_embeddings == 512
+    assert cfg.dataset.name == "mrpc" and cfg.dataset.eval_split == "test"
+    assert cfg.dataset.max_seq_length == 128 and cfg.dataset.pad_to_max_length is True
+    assert cfg.precision.name == "fp32"
+    assert cfg.nodes * cfg.compute.processes_per_node * t.per_device_train_batch_size == 16
+    assert (t.learning_rate, t.num_train_epochs, t.weight_decay, t.warmup_steps, t.seed) == (5e-5, 3, 0.0, 0, 42)
+    assert t.lr_scheduler_type == "linear" and t.optim == "adamw_torch" and t.train_sampling_strategy == "random"
+
+
+def test_command_line_beats_experiment_preset():
+    cfg = compose("experiment=mrpc_seed", "model=minilm_l6", "training.learning_rate=3e-5", "nodes=1")
+    assert cfg.model.name == "minilm_l6" and cfg.training.learning_rate == 3e-5 and cfg.nodes == 1
+
+
+def test_training_keys_are_training_arguments_names():
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for preset in ("quickstart", "mrpc_seed", "mrpc_minilm"):
+        training = compose(f"experiment={preset}").training
+        assert set(training) - {"resume"} <= fields, preset
+
+
+def test_any_training_argument_can_be_added():
+    assert compose("+training.max_grad_norm=0.5").training.max_grad_norm == 0.5
+
+
+def test_local_launcher_is_the_hydra_launcher():
+    cfg = compose(return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("NlpwfLocalLauncher")
+
+
+def test_optuna_search_maximises_the_objective():
+    cfg = compose("hparams_search=optuna", return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.sweeper.direction == "maximize" and cfg.objective == "eval_accuracy"
+    assert "training.learning_rate" in cfg.hydra.sweeper.params
