@@ -14,7 +14,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
-from nlpwf import data, distributed, metrics, models, outputs
+from nlpwf import data, distributed, metrics, models, outputs, perf
 from nlpwf.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def run(cfg: DictConfig, job_dir: Path) -> dict | None:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     threads = int(os.environ.get("OMP_NUM_THREADS") or distributed.threads_per_process(cfg.compute.threads_per_process, local_world))
     distributed.set_threads(threads)
+    tuning = perf.setup_process(cfg.get("perf"), rank, local_world, threads)
     backend = distributed.init_process_group(rank, cfg.training.ddp_timeout) if rank.world_size > 1 else None
 
     check(cfg)
@@ -99,6 +100,7 @@ def run(cfg: DictConfig, job_dir: Path) -> dict | None:
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.dataset.get("pad_to_multiple_of")),
         compute_metrics=metrics.from_eval_prediction,
     )
+    recorder = perf.attach(trainer, cfg.get("perf"), tuning, bf16=args.bf16)
     log.info("training %s on %s: %d train / %d eval pairs, world size %d, %s, %d thread(s) per process",
              cfg.model.name, cfg.dataset.name, len(encoded["train"]), len(encoded["eval"]), rank.world_size,
              cfg.precision.name, threads)
@@ -118,7 +120,7 @@ def run(cfg: DictConfig, job_dir: Path) -> dict | None:
         "threads_per_process": threads, "backend": backend or "none", "precision": cfg.precision.name,
         "model": cfg.model.name, "dataset": cfg.dataset.name, "eval_split": cfg.dataset.eval_split,
         "train_pairs": len(encoded["train"]), "eval_pairs": len(encoded["eval"]),
-        "parameter_digests": digests,
+        "parameter_digests": digests, **recorder.report(),
     }
     outputs.publish_dir(staged, job_dir / outputs.MODEL_DIR)
     outputs.write_train_log(job_dir / outputs.TRAIN_LOG_FILE, trainer.state.log_history)
