@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from nlpwf import CONF_DIR, distributed, outputs, stages
-from nlpwf.errors import UserError
+from nlpwf.errors import JobFailed, UserError
 
 log = logging.getLogger("nlpwf")
 
@@ -55,7 +55,10 @@ def run_local_workers(cfg: DictConfig, job_dir: Path) -> dict:
     if code == UserError.exit_code:
         raise UserError("a worker rejected the job's input (its message is above): fix it and run again")
     if code != 0:
-        raise RuntimeError(f"a worker process failed with exit code {code}; its output is above")
+        from nlpwf import checkpoints, faults
+
+        raise JobFailed(f"a worker process {distributed.describe_exit(code)} (the 'rank N' lines above say which and why); "
+                        f"{faults.resume_hint(job_dir / checkpoints.CHECKPOINT_DIR, job_dir)}")
     metrics = outputs.read_metrics(job_dir)
     if metrics is None:
         raise RuntimeError(f"the workers finished but rank 0 wrote no {outputs.METRICS_FILE} in {job_dir}")
@@ -77,7 +80,14 @@ def run(cfg: DictConfig) -> float | None:
     else:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
         stages.check(cfg)
+        from nlpwf import azureml
+
+        if azureml.selected():  # under the Azure ML launcher the job is built and sent there (nlpwf/azureml)
+            return azureml.run(cfg, job_dir)
         if cfg.nodes * cfg.compute.processes_per_node > 1 and cfg.stage.name == "train":
+            from nlpwf import train
+
+            train.preflight(cfg)
             result = run_local_workers(cfg, job_dir)
         else:
             result = stage(cfg, job_dir)
@@ -90,6 +100,6 @@ def run(cfg: DictConfig) -> float | None:
 def main(cfg: DictConfig) -> float | None:
     try:
         return run(cfg)
-    except UserError as e:
+    except (UserError, JobFailed) as e:
         print(f"nlpwf: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(UserError.exit_code)
+        sys.exit(e.exit_code)

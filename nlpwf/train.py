@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from nlpwf import data, distributed, metrics, models, outputs, perf
+from nlpwf import checkpoints, faults
 from nlpwf.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,20 @@ RENAMED = {
 }
 
 
+def preflight(cfg: DictConfig) -> None:
+    """Everything that can reject the input, run once before worker processes start, so a
+    mistake is reported once and not by every rank."""
+    check(cfg)
+    check_model_limits(cfg)
+    data.load_splits(cfg.dataset)
+
+
 def training_arguments(cfg: DictConfig, job_dir: Path) -> TrainingArguments:
     kwargs = OmegaConf.to_container(cfg.training, resolve=True)
+    kwargs.pop("resume", None)  # nlpwf's own key (checkpoints.resume_point)
     kwargs.update(
-        output_dir=str(job_dir / "checkpoints"),
+        output_dir=str(job_dir / checkpoints.CHECKPOINT_DIR),
+        save_total_limit=None,  # nlpwf rotates, counting complete checkpoints only (checkpoints.py)
         use_cpu=True,
         bf16=cfg.precision.name == "bf16",
         report_to=list(cfg.logger.report_to),
@@ -99,12 +110,15 @@ def run(cfg: DictConfig, job_dir: Path) -> dict | None:
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.dataset.get("pad_to_multiple_of")),
         compute_metrics=metrics.from_eval_prediction,
+        callbacks=[checkpoints.CheckpointCallback(cfg.training.get("save_total_limit"))],
     )
+    resume = checkpoints.resume_point(cfg.training.get("resume"), Path(args.output_dir), rank.is_main)
     recorder = perf.attach(trainer, cfg.get("perf"), tuning, bf16=args.bf16)
     log.info("training %s on %s: %d train / %d eval pairs, world size %d, %s, %d thread(s) per process",
              cfg.model.name, cfg.dataset.name, len(encoded["train"]), len(encoded["eval"]), rank.world_size,
              cfg.precision.name, threads)
-    train_metrics = trainer.train().metrics
+    with faults.peer_loss(rank, Path(args.output_dir), job_dir):  # a lost rank: one line, not a gloo stack
+        train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
     eval_metrics = _final_eval(trainer)
 
     digests = distributed.parameter_digests(trainer.model)
