@@ -21,7 +21,7 @@ def test_basic_sweep_writes_job_dirs_and_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     lrs = [[o for o in r["overrides"].split() if o.startswith("training.learning_rate=")] for r in rows]
-    assert lrs == [["training.learning_rate=2e-5"], ["training.learning_rate=5e-5"]]
+    assert lrs == [["training.learning_rate=2e-05"], ["training.learning_rate=5e-05"]]
     for i, r in enumerate(rows):
         metrics = json.loads((sweep / str(i) / "metrics.json").read_text())
         assert r["status"] == "COMPLETED" and float(r["eval_accuracy"]) == metrics["eval_accuracy"]
