@@ -1,0 +1,50 @@
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class WorkspaceConf:
+    # config.json downloaded from Azure ML Studio; null: look in the current dir and its parents
+    # (also in .azureml/), as the SDK does. Ignored when the three ids below are all set.
+    config_path: Optional[str] = None
+    subscription_id: Optional[str] = None
+    resource_group: Optional[str] = None
+    workspace_name: Optional[str] = None
+
+
+@dataclass
+class EnvironmentConf:
+    # Docker build context of the training image (relative paths are from the project root).
+    docker_context: str = "docker"
+    # A ready image (e.g. myregistry.azurecr.io/nlpwf:1) instead of building docker_context.
+    image: Optional[str] = None
+
+
+@dataclass
+class AzureMLLauncherConf:
+    _target_: str = "hydra_plugins.nlpwf_azureml_launcher.azureml_launcher.NlpwfAzureMLLauncher"
+    # true: poll until every job ends, download its outputs, return its objective (sweepers need it).
+    wait: bool = False
+    # with wait and a single job: print the job's log as it runs instead of polling quietly.
+    stream: bool = False
+    # write azureml/job.yaml and the code snapshot in the job dir, submit nothing, need no credentials.
+    dry_run: bool = False
+    # run the generated job on this machine as Azure ML would (snapshot copy, env contract).
+    emulate: bool = False
+    poll_interval_s: float = 30.0
+    # jobs of a sweep submitted and watched at the same time
+    max_parallel: int = 8
+    experiment_name: str = "nlpwf"
+    workspace: WorkspaceConf = field(default_factory=WorkspaceConf)
+    environment: EnvironmentConf = field(default_factory=EnvironmentConf)
+    # added to the job's own (OMP_NUM_THREADS, ...); values are strings on Azure
+    environment_variables: Dict[str, Any] = field(default_factory=dict)
+    # files above this size stay out of the code snapshot (data and weights belong in datastores)
+    snapshot_max_file_mb: float = 20.0
+    # where emulate copies the snapshot; null: a new temporary dir, removed when the job succeeds
+    emulate_dir: Optional[str] = None
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="nlpwf_azureml", node=AzureMLLauncherConf, provider="nlpwf")

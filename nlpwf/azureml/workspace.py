@@ -1,0 +1,61 @@
+"""The Azure ML workspace: from Studio's config.json, or from explicit ids.
+
+config.json holds the subscription, resource group and workspace name; none of it (nor any
+credential) is printed, logged or copied into a snapshot. Credentials come from
+DefaultAzureCredential: `az login`, a managed identity, or AZURE_* environment variables.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from nlpwf.errors import UserError
+
+IDS = ("subscription_id", "resource_group", "workspace_name")
+
+
+def explicit_ids(ws: DictConfig) -> bool:
+    given = [k for k in IDS if ws.get(k)]
+    if given and len(given) < len(IDS):
+        missing = ", ".join(f"hydra.launcher.workspace.{k}" for k in IDS if k not in given)
+        raise UserError(f"the workspace is given by ids but {missing} is missing: set it, or use a config.json instead")
+    return bool(given)
+
+
+def find_config(ws: DictConfig, start: Path | None = None) -> Path:
+    """The config.json to use: the configured path, else the first in the current dir or a parent
+    (plain or under .azureml/), the places the SDK's MLClient.from_config looks."""
+    if ws.get("config_path"):
+        path = Path(ws.config_path).expanduser()
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise UserError(f"hydra.launcher.workspace.config_path={ws.config_path}: no such file; download config.json "
+                            "from the workspace's page in Azure ML Studio and point config_path at it")
+        return path
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        for candidate in (folder / "config.json", folder / ".azureml" / "config.json"):
+            if candidate.is_file():
+                return candidate
+    raise UserError(f"no Azure ML config.json in {here} or its parents: download it from the workspace's page in "
+                    "Azure ML Studio, or set hydra.launcher.workspace.config_path (or the three workspace ids)")
+
+
+def check(ws: DictConfig) -> None:
+    """The workspace can be named without contacting Azure (raises UserError otherwise)."""
+    if not explicit_ids(ws):
+        find_config(ws)
+
+
+def client(ws: DictConfig, credential=None, **kwargs):
+    """An MLClient for the workspace. kwargs go to the SDK (e.g. `transport=` in tests)."""
+    from azure.ai.ml import MLClient
+
+    if credential is None:
+        from azure.identity import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+    if explicit_ids(ws):
+        return MLClient(credential, ws.subscription_id, ws.resource_group, ws.workspace_name, **kwargs)
+    return MLClient.from_config(credential, path=str(find_config(ws)), **kwargs)

@@ -1,0 +1,143 @@
+"""The Azure ML job nlpwf builds: its YAML (dry run) and the exact REST request the SDK sends."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from azure.ai.ml import load_job
+from azure.core.credentials import AccessToken, AccessTokenInfo
+from azure.core.pipeline.transport import HttpTransport
+from azure.core.rest._http_response_impl import HttpResponseImpl
+from azure.core.utils import CaseInsensitiveDict
+
+from nlpwf.azureml import job as azjob, submit, workspace
+from tests.conftest import run_cli
+
+FAKE_WS = {"subscription_id": "11111111-2222-3333-4444-555555555555", "resource_group": "rg-nlpwf-test",
+           "workspace_name": "ws-nlpwf-test"}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> Path:
+    """`python -m nlpwf compute=d32_v5 nodes=2 precision=bf16 hydra.launcher.dry_run=true`, no -m,
+    run from a folder holding a config.json whose values must not leak anywhere."""
+    cwd = tmp_path_factory.mktemp("dry")
+    (cwd / "config.json").write_text(json.dumps(FAKE_WS))
+    sweep = cwd / "sweep"
+    r = run_cli("compute=d32_v5", "nodes=2", "precision=bf16", "hydra.launcher.dry_run=true",
+                f"hydra.sweep.dir={sweep}", cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return sweep / "0"
+
+
+def test_dry_run_job_yaml_loads_with_the_layout(dry_run):
+    job = load_job(dry_run / "azureml" / "job.yaml")
+    assert job.resources.instance_count == 2
+    assert job.distribution.type == "pytorch" and job.distribution.process_count_per_instance == 2
+    assert job.compute == "cpu-d32-v5"
+    assert job.environment_variables["OMP_NUM_THREADS"] == "8"  # 16 cores / 2 processes
+    assert job.experiment_name == "nlpwf"
+    assert job.tags["overrides"] == "compute=d32_v5 nodes=2 precision=bf16" and job.tags["job_num"] == "0"
+    assert len(job.tags["git_commit"]) in (40, len("unknown"))
+    assert "torchrun" not in job.command and "--config-name=nlpwf_job" in job.command
+    assert Path(job.environment.build.path, "Dockerfile").is_file()
+    assert job._validate().passed
+
+
+def test_dry_run_snapshot_has_the_resolved_config_and_no_workspace_values(dry_run):
+    snap = dry_run / "azureml" / "snapshot"
+    resolved = (snap / "nlpwf_job.yaml").read_text()
+    assert "precision:\n  name: bf16" in resolved and "nodes: 2" in resolved and "${" not in resolved
+    assert (snap / "nlpwf" / "cli.py").is_file() and (snap / "conf" / "config.yaml").is_file()
+    written = [p for p in dry_run.rglob("*") if p.is_file()]
+    for value in FAKE_WS.values():
+        assert not any(value in p.read_text(errors="ignore") for p in written), value
+
+
+# --- the REST request -------------------------------------------------------------------------
+
+class FakeCredential:
+    def get_token(self, *scopes, **kwargs):
+        return AccessToken("not-a-token", 4102444800)
+
+    def get_token_info(self, *scopes, **kwargs):
+        return AccessTokenInfo("not-a-token", 4102444800)
+
+
+class RecordingTransport(HttpTransport):
+    """azure-core's lowest layer: records each request; a PUT is answered as ARM does (201, the resource)."""
+
+    def __init__(self):
+        self.requests = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        pass
+
+    def open(self):
+        pass
+
+    def close(self):
+        pass
+
+    def send(self, request, **kwargs):
+        self.requests.append(request)
+        if request.method != "PUT":
+            return self.response(request, 404, {"error": {"code": "NotFound", "message": "not recorded"}})
+        body = json.loads(request.body)
+        arm_id = request.url.split("?")[0].split("management.azure.com", 1)[1]
+        body.update(id=arm_id, name=arm_id.rsplit("/", 1)[1], type="Microsoft.MachineLearningServices/workspaces/jobs")
+        body["properties"]["status"] = "NotStarted"
+        return self.response(request, 201, body)
+
+    @staticmethod
+    def response(request, status, body):
+        r = HttpResponseImpl(request=request, internal_response=None, status_code=status, reason="",
+                             content_type="application/json", stream_download_generator=None,
+                             headers=CaseInsensitiveDict({"Content-Type": "application/json"}))
+        r._content = json.dumps(body).encode()
+        r._is_closed = r._is_stream_consumed = True  # the whole body is here: nothing left to read
+        return r
+
+
+def test_submission_sends_one_put_with_the_command_job(dry_run, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    transport = RecordingTransport()
+    ws = OmegaConf.create(FAKE_WS)
+    ml_client = workspace.client(ws, credential=FakeCredential(), transport=transport)
+    prefix = (f"/subscriptions/{ws.subscription_id}/resourceGroups/{ws.resource_group}"
+              f"/providers/Microsoft.MachineLearningServices/workspaces/{ws.workspace_name}")
+    # The dry run's job with ARM ids for code and environment: a local path would make the SDK upload.
+    spec = yaml.safe_load((dry_run / "azureml" / "job.yaml").read_text())
+    spec["code"] = f"azureml:{prefix}/codes/nlpwf-snapshot/versions/1"
+    spec["environment"] = f"azureml:{prefix}/environments/nlpwf-cpu/versions/3"
+    job_yaml = tmp_path / "job.yaml"
+    job_yaml.write_text(yaml.safe_dump(spec))
+    job = load_job(job_yaml)
+    sub = submit.Submission(name=job.name, job_dir=tmp_path, job_yaml=job_yaml, objective="eval_accuracy",
+                            cluster={"name": "cpu-d32-v5"}, vm_size="Standard_D32_v5", nodes=2)
+
+    assert submit.submit_one(ml_client, sub) == job.name
+
+    assert [r.method for r in transport.requests] == ["PUT"]
+    put = transport.requests[0]
+    assert put.url.split("?")[0] == f"https://management.azure.com{prefix}/jobs/{job.name}"
+    props = json.loads(put.body)["properties"]
+    assert props["jobType"] == "Command"
+    assert props["command"] == job.command and "python -m nlpwf" in props["command"]
+    assert props["distribution"] == {"distributionType": "PyTorch", "processCountPerInstance": 2}
+    assert props["resources"]["instanceCount"] == 2
+    assert props["computeId"] == f"{prefix}/computes/cpu-d32-v5"
+    assert props["codeId"] == f"{prefix}/codes/nlpwf-snapshot/versions/1"
+    assert props["environmentId"] == f"{prefix}/environments/nlpwf-cpu/versions/3"
+    assert props["environmentVariables"] == {"OMP_NUM_THREADS": "8", "TOKENIZERS_PARALLELISM": "false",
+                                             "HYDRA_FULL_ERROR": "1"}
+    assert props["experimentName"] == "nlpwf" and props["tags"]["job_num"] == "0"
+    out = capsys.readouterr().out
+    assert f"submitted Azure ML job {job.name}: https://ml.azure.com/runs/{job.name}" in out
+    assert "not-a-token" not in out and "Authorization" not in out
