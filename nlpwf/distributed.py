@@ -22,6 +22,8 @@ from pathlib import Path
 
 import psutil
 
+from nlpwf.errors import PeerLost
+
 log = logging.getLogger(__name__)
 
 CONTRACT = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
@@ -160,11 +162,12 @@ def run_workers(
     failed: tuple[int, int] | None = None
     try:
         while any(p.poll() is None for p in procs):
-            for rank, p in enumerate(procs):
-                if p.poll() not in (None, 0) and failed is None:
-                    failed = (rank, p.returncode)
-                    log.error("rank %d exited with code %d; stopping the other ranks", rank, p.returncode)
-                    _stop(procs, grace_s)
+            ended = [(rank, p.returncode) for rank, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if ended and failed is None:
+                # Ranks that merely lost a peer (PeerLost) are a symptom: name the cause when it has ended too.
+                failed = next((e for e in ended if e[1] != PeerLost.exit_code), ended[0])
+                log.error("rank %d %s; stopping the other ranks", failed[0], describe_exit(failed[1]))
+                _stop(procs, grace_s)
             time.sleep(0.2)
     except KeyboardInterrupt:
         _stop(procs, grace_s)
@@ -175,6 +178,14 @@ def run_workers(
     if failed is None:
         failed = next(((r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0), None)
     return 0 if failed is None else failed[1]
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    if code == PeerLost.exit_code:
+        return f"exited with code {code} (it lost contact with another rank)"
+    return f"exited with code {code}"
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:

@@ -1,0 +1,154 @@
+"""Checkpoints that survive a kill at any moment, and resuming from the newest complete one.
+
+transformers' Trainer writes `checkpoint-N/` (weights, optimizer, scheduler, RNG state of every
+rank, trainer_state.json with the step and log history) straight into its final folder, file by
+file, from several ranks. A process killed half-way leaves a folder that looks like a checkpoint,
+and Trainer's own `get_last_checkpoint` would pick it. So nlpwf marks a checkpoint complete only
+after every rank has finished writing it: rank 0 flushes the files to disk and then atomically
+writes MARKER, which lists every file and its size. Resuming considers marked checkpoints only,
+and old checkpoints are deleted only once a newer one is marked (nlpwf does the rotation
+itself, `training.save_total_limit` complete checkpoints are kept).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+
+from nlpwf import outputs
+from nlpwf.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+MARKER = "nlpwf_complete.json"
+_STEP = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def step_of(path: Path) -> int | None:
+    m = _STEP.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def all_checkpoints(folder: Path) -> list[Path]:
+    """Every `checkpoint-N` folder, complete or not, oldest step first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=step_of)
+
+
+def is_complete(path: Path) -> bool:
+    """Marked complete, and every file the marker lists is still there with its size."""
+    marker = Path(path) / MARKER
+    try:
+        import json
+
+        files = json.loads(marker.read_text())["files"]
+        return all((Path(path) / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    return [p for p in all_checkpoints(folder) if is_complete(p)]
+
+
+def newest_complete(folder: Path) -> Path | None:
+    done = complete_checkpoints(folder)
+    return done[-1] if done else None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_complete(path: Path, step: int, world_size: int) -> None:
+    """Flush the checkpoint's files to disk, then write the marker atomically (a VM that is
+    preempted may lose unflushed pages; the marker must never outlive the data it vouches for)."""
+    path = Path(path)
+    files = {}
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MARKER):
+        _fsync(f)
+        files[str(f.relative_to(path))] = f.stat().st_size
+    _fsync(path)
+    outputs.write_json(path / MARKER, {"step": step, "world_size": world_size, "files": files})
+    _fsync(path)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class CheckpointCallback(TrainerCallback):
+    """Marks each checkpoint complete, rotates old ones, and with `save_strategy=steps` also
+    saves at each epoch end (transformers offers steps or epochs, not both)."""
+
+    def __init__(self, keep: int | None) -> None:
+        self.keep = keep
+        self.last_saved = -1
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if args.save_strategy == SaveStrategy.STEPS and state.global_step != self.last_saved:
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last_saved = state.global_step
+        _barrier()  # every rank has written its RNG state before rank 0 vouches for the folder
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            mark_complete(folder, state.global_step, args.world_size)
+            rotate_checkpoints(str(args.output_dir), save_total_limit=self.keep,
+                               best_model_checkpoint=state.best_model_checkpoint)
+        return control
+
+
+def _discard_incomplete(folder: Path) -> None:
+    for p in all_checkpoints(folder):
+        if not is_complete(p):
+            log.warning("discarding incomplete checkpoint %s (a run stopped while writing it)", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def resume_point(choice, folder: Path, is_main: bool) -> str | None:
+    """What `training.resume` asks for: null (a fresh start), auto (the newest complete
+    checkpoint in this job's checkpoints/, or a fresh start if there is none) or a path."""
+    folder = Path(folder)
+    if choice in (None, False, "null", "none"):
+        newest = newest_complete(folder)
+        if newest is not None:
+            raise UserError(
+                f"{folder} already holds checkpoints of an earlier run (newest {newest.name}): "
+                f"continue it with training.resume=auto, or use a new output dir"
+            )
+        return None
+    if choice == "auto":
+        if is_main:
+            _discard_incomplete(folder)
+        newest = newest_complete(folder)
+        if newest is None:
+            log.info("training.resume=auto: no complete checkpoint in %s, starting from scratch", folder)
+            return None
+        log.info("training.resume=auto: resuming from %s", newest)
+        return str(newest)
+    path = Path(str(choice)).expanduser()
+    if not path.is_dir():
+        raise UserError(f"training.resume={choice} is not a directory: use training.resume=auto or a checkpoint-N folder")
+    if not is_complete(path):
+        raise UserError(f"training.resume={choice} is not a complete nlpwf checkpoint (no valid {MARKER}): "
+                        f"use training.resume=auto to take the newest complete one")
+    return str(path)
