@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from nlpwf import CONF_DIR, distributed, outputs, stages
+from nlpwf import CONF_DIR, console, distributed, outputs, stages
 from nlpwf.errors import JobFailed, UserError
 
 log = logging.getLogger("nlpwf")
@@ -73,12 +73,14 @@ def _quiet_third_party() -> None:
 
 def run(cfg: DictConfig) -> float | None:
     _quiet_third_party()
+    console.setup()  # no carriage-return progress bars in log files
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     stage = stages.get(cfg.stage.name)
     if distributed.from_env() is not None:  # one rank of a job someone else started
+        console.show_config(cfg, distributed.from_env().rank)
         result = stage(cfg, job_dir)
     else:
-        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+        console.show_config(cfg, None)
         stages.check(cfg)
         from nlpwf import azureml
 

@@ -47,6 +47,9 @@ class Summary:
             writer.writeheader()
             writer.writerows(self.rows)
         tmp.replace(self.path)
+        from nlpwf import plots
+
+        plots.sweep(self.rows, self.objective, self.path.parent / plots.SWEEP_PLOT)
         log.info("sweep summary (%s):\n%s", self.path, self.table())
 
     def table(self) -> str:

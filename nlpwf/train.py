@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from nlpwf import data, distributed, metrics, models, outputs, perf
-from nlpwf import checkpoints, faults
+from nlpwf import checkpoints, faults, plots, progress, tracking
 from nlpwf.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def training_arguments(cfg: DictConfig, job_dir: Path) -> TrainingArguments:
         save_total_limit=None,  # nlpwf rotates, counting complete checkpoints only (checkpoints.py)
         use_cpu=True,
         bf16=cfg.precision.name == "bf16",
-        report_to=list(cfg.logger.report_to),
+        report_to=tracking.report_to(cfg.logger),
     )
     unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(TrainingArguments)})
     if unknown:
@@ -113,6 +113,8 @@ def run(cfg: DictConfig, job_dir: Path) -> dict | None:
         callbacks=[checkpoints.CheckpointCallback(cfg.training.get("save_total_limit"))],
     )
     resume = checkpoints.resume_point(cfg.training.get("resume"), Path(args.output_dir), rank.is_main)
+    progress.install(trainer)  # line-based progress in log files
+    tracker = tracking.start(cfg, job_dir, rank.is_main)  # before train(): the integrations reuse its runs
     recorder = perf.attach(trainer, cfg.get("perf"), tuning, bf16=args.bf16)
     log.info("training %s on %s: %d train / %d eval pairs, world size %d, %s, %d thread(s) per process",
              cfg.model.name, cfg.dataset.name, len(encoded["train"]), len(encoded["eval"]), rank.world_size,
@@ -139,6 +141,9 @@ def run(cfg: DictConfig, job_dir: Path) -> dict | None:
     outputs.publish_dir(staged, job_dir / outputs.MODEL_DIR)
     outputs.write_train_log(job_dir / outputs.TRAIN_LOG_FILE, trainer.state.log_history)
     outputs.write_json(job_dir / outputs.METRICS_FILE, result)
+    curves = plots.training_curves(job_dir / outputs.TRAIN_LOG_FILE, job_dir / plots.RUN_PLOT)
+    if tracker:
+        tracker.finish(result, [job_dir / outputs.METRICS_FILE, job_dir / outputs.TRAIN_LOG_FILE, curves])
     log.info("eval_accuracy %.4f, eval_f1 %.4f; model and metrics in %s", result["eval_accuracy"], result["eval_f1"], job_dir)
     return result
 

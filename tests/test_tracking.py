@@ -1,0 +1,108 @@
+"""Tracking and looking at results: wandb and MLflow together from a 2-process job, the run's
+plot, line progress in log files, the config tree, the sweep plot."""
+from __future__ import annotations
+
+import json
+import os
+import pty
+
+import pytest
+from conftest import TINY, compose, run_cli
+
+from nlpwf import console, plots, tracking
+
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a wandb API key, not a real one
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """A 2-process job with both trackers, progress bars on, output piped as in Azure ML's logs."""
+    root = tmp_path_factory.mktemp("tracked")
+    job = root / "job"
+    proc = run_cli(*TINY, "training.disable_tqdm=false", "compute.processes_per_node=2", "logger=[wandb,mlflow]",
+                   f"hydra.run.dir={job}", env={"WANDB_API_KEY": FAKE_KEY, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, job, proc.stdout + proc.stderr
+
+
+def test_mlflow_run_in_a_sqlite_store_beside_the_job(tracked):
+    import mlflow
+
+    root, job, _ = tracked
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["nlpwf"], output_format="list")
+    assert len(runs) == 1  # rank 0 only
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "tracked0/job"
+    assert run.info.run_id == json.loads((job / tracking.RUNS_FILE).read_text())["mlflow"]
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]  # the integration (64 pairs, 2 ranks x 16 a step)
+    final = json.loads((job / "metrics.json").read_text())
+    assert run.data.metrics["final/eval_accuracy"] == final["eval_accuracy"]  # nlpwf's own
+    assert run.data.params["model.name"] == "tiny_bert" and run.data.params["compute.processes_per_node"] == "2"
+    assert run.data.tags["nlpwf.overrides"].split()[-1] == "logger=[wandb,mlflow]"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "train_log.csv", plots.RUN_PLOT, "nlpwf_config.yaml"} <= artifacts
+    assert not (root / "mlruns").exists()
+
+
+def test_wandb_offline_run_in_the_job_dir_without_the_key(tracked):
+    root, job, out = tracked
+    runs = list((job / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1  # rank 0 only, offline although a key is set, because WANDB_MODE says so
+    assert runs[0].name.endswith(json.loads((job / tracking.RUNS_FILE).read_text())["wandb"])
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert not any(FAKE_KEY.encode() in p.read_bytes() for p in files)  # the secret is nowhere on disk
+    assert FAKE_KEY not in out  # nor in the output
+
+
+def test_run_plot_and_line_progress(tracked):
+    _, job, out = tracked
+    png = (job / plots.RUN_PLOT).read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert "\r" not in out  # no tqdm redraws in a piped log
+    assert "train: step 2/2 (100%)" in out and "eval: done in" in out
+    assert out.count("├── training") == 1  # the config tree, printed once for the whole job
+    assert "│   ├── learning_rate: 5e-05" in out
+
+
+def test_wandb_is_offline_unless_a_key_is_set():
+    assert tracking.wandb_mode({}) == "offline"
+    assert tracking.wandb_mode({"WANDB_API_KEY": FAKE_KEY}) == "online"
+    assert tracking.wandb_mode({"WANDB_API_KEY": FAKE_KEY, "WANDB_MODE": "disabled"}) == "disabled"
+
+
+def test_mlflow_uses_azure_tracking_uri_when_set(tmp_path, monkeypatch):
+    cfg = compose("logger=mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.mlflow_uri(cfg.logger.mlflow, tmp_path / "outputs" / "day" / "time") == f"sqlite:///{tmp_path / 'outputs' / 'day' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "azureml://eastus.api.azureml.ms/mlflow/v1.0/subscriptions/x")
+    assert tracking.mlflow_uri(cfg.logger.mlflow, tmp_path / "job").startswith("azureml://")
+
+
+def test_output_root_is_the_folder_of_job_dirs(tmp_path):
+    assert tracking.output_root(tmp_path / "outputs" / "2026-11-25" / "18-00-00", cwd=tmp_path) == tmp_path / "outputs"
+    assert tracking.output_root(tmp_path / "elsewhere" / "job", cwd=tmp_path / "project") == tmp_path / "elsewhere"
+
+
+def test_progress_bars_stay_in_a_terminal():
+    leader, follower = pty.openpty()
+    try:
+        with os.fdopen(follower, "w") as tty:
+            assert console.interactive(tty)
+        r, w = os.pipe()
+        with os.fdopen(w, "w") as pipe:
+            assert not console.interactive(pipe)
+        os.close(r)
+    finally:
+        os.close(leader)
+
+
+def test_sweep_plot_has_a_panel_per_swept_parameter(tmp_path):
+    rows = [{"overrides": f"model=tiny_bert training.learning_rate={lr} precision={p}", "eval_accuracy": acc}
+            for lr, p, acc in (("2e-05", "fp32", 0.6), ("5e-05", "bf16", 0.7), ("1e-03", "fp32", 0.5))]
+    rows.append({"overrides": "model=tiny_bert training.learning_rate=1e-2 precision=fp32", "eval_accuracy": ""})  # failed
+    assert set(plots.swept_values(rows[:3])) == {"training.learning_rate", "precision"}  # model did not vary
+    out = plots.sweep(rows, "eval_accuracy", tmp_path / plots.SWEEP_PLOT)
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert plots.sweep(rows[:1], "eval_accuracy", tmp_path / "one.png") is None  # nothing varies: no plot
