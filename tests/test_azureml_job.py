@@ -69,8 +69,11 @@ class FakeCredential:
 class RecordingTransport(HttpTransport):
     """azure-core's lowest layer: records each request; a PUT is answered as ARM does (201, the resource)."""
 
-    def __init__(self):
+    def __init__(self, status: str = "NotStarted", compute: dict | None = None):
         self.requests = []
+        self.status = status  # what a GET of the job answers
+        self.compute = compute  # what a GET of the cluster answers (None: 404)
+        self.jobs = {}
 
     def __enter__(self):
         return self
@@ -86,13 +89,20 @@ class RecordingTransport(HttpTransport):
 
     def send(self, request, **kwargs):
         self.requests.append(request)
-        if request.method != "PUT":
-            return self.response(request, 404, {"error": {"code": "NotFound", "message": "not recorded"}})
-        body = json.loads(request.body)
-        arm_id = request.url.split("?")[0].split("management.azure.com", 1)[1]
-        body.update(id=arm_id, name=arm_id.rsplit("/", 1)[1], type="Microsoft.MachineLearningServices/workspaces/jobs")
-        body["properties"]["status"] = "NotStarted"
-        return self.response(request, 201, body)
+        arm_id = request.url.split("?")[0].split("management.azure.com", 1)[-1]
+        if request.method == "PUT" and "/jobs/" in arm_id:
+            body = json.loads(request.body)
+            body.update(id=arm_id, name=arm_id.rsplit("/", 1)[1], type="Microsoft.MachineLearningServices/workspaces/jobs")
+            body["properties"]["status"] = "NotStarted"
+            self.jobs[arm_id] = body
+            return self.response(request, 201, body)
+        if request.method == "GET" and arm_id in self.jobs:
+            body = json.loads(json.dumps(self.jobs[arm_id]))
+            body["properties"]["status"] = self.status
+            return self.response(request, 200, body)
+        if request.method == "GET" and "/computes/" in arm_id and self.compute:
+            return self.response(request, 200, {"id": arm_id, "name": arm_id.rsplit("/", 1)[1], **self.compute})
+        return self.response(request, 404, {"error": {"code": "NotFound", "message": "not recorded"}})
 
     @staticmethod
     def response(request, status, body):
@@ -141,3 +151,52 @@ def test_submission_sends_one_put_with_the_command_job(dry_run, tmp_path, capsys
     out = capsys.readouterr().out
     assert f"submitted Azure ML job {job.name}: https://ml.azure.com/runs/{job.name}" in out
     assert "not-a-token" not in out and "Authorization" not in out
+
+
+AML_COMPUTE = {"type": "Microsoft.MachineLearningServices/workspaces/computes", "location": "westeurope",
+               "properties": {"computeType": "AmlCompute", "properties": {
+                   "vmSize": "Standard_D32_v5", "scaleSettings": {"minNodeCount": 0, "maxNodeCount": 4}}}}
+
+
+def test_waiting_on_a_cancelled_job_gives_a_failed_job_return(dry_run, tmp_path):
+    """The launcher's submit step on a batch: existing cluster, one PUT, polls until Azure says Canceled."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    transport = RecordingTransport(status="Canceled", compute=AML_COMPUTE)
+    ws = OmegaConf.create(FAKE_WS)
+    ml_client = workspace.client(ws, credential=FakeCredential(), transport=transport)
+    prefix = (f"/subscriptions/{ws.subscription_id}/resourceGroups/{ws.resource_group}"
+              f"/providers/Microsoft.MachineLearningServices/workspaces/{ws.workspace_name}")
+    spec = yaml.safe_load((dry_run / "azureml" / "job.yaml").read_text())
+    spec.update(code=f"azureml:{prefix}/codes/c/versions/1", environment=f"azureml:{prefix}/environments/e/versions/1")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    sub = submit.Submission(name=spec["name"], job_dir=tmp_path, job_yaml=tmp_path / "job.yaml", objective="eval_accuracy",
+                            cluster={"name": "cpu-d32-v5", "create_if_missing": False}, vm_size="Standard_D32_v5", nodes=2)
+    run = JobReturn(overrides=["nodes=2"], status=JobStatus.COMPLETED, _return_value=sub)
+    settings = OmegaConf.create({"wait": True, "stream": False, "poll_interval_s": 0.01, "max_parallel": 2})
+
+    submit.submit_all([run], settings, ml_client=ml_client)
+
+    assert run.status == JobStatus.FAILED
+    assert f"Azure ML job {spec['name']} ended Canceled" in str(run._return_value)
+    methods = [(r.method, r.url.split("?")[0].rsplit("/", 2)[-2]) for r in transport.requests]
+    assert methods[0] == ("GET", "computes") and methods.count(("PUT", "jobs")) == 1
+    assert ("GET", "jobs") in methods
+
+
+def test_a_missing_cluster_that_may_not_be_created_fails_the_batch_without_submitting(dry_run, tmp_path):
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    transport = RecordingTransport()
+    ml_client = workspace.client(OmegaConf.create(FAKE_WS), credential=FakeCredential(), transport=transport)
+    sub = submit.Submission(name="nlpwf-x", job_dir=tmp_path, job_yaml=dry_run / "azureml" / "job.yaml",
+                            objective="eval_accuracy", cluster={"name": "cpu-d32-v5", "create_if_missing": False},
+                            vm_size="Standard_D32_v5", nodes=2)
+    runs = [JobReturn(status=JobStatus.COMPLETED, _return_value=sub) for _ in range(2)]
+    submit.submit_all(runs, OmegaConf.create({"wait": False, "stream": False, "poll_interval_s": 1, "max_parallel": 2}),
+                      ml_client=ml_client)
+    assert [r.status for r in runs] == [JobStatus.FAILED, JobStatus.FAILED]
+    assert "the workspace has no cluster cpu-d32-v5" in str(runs[0]._return_value)
+    assert [r.method for r in transport.requests] == ["GET"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 import secrets
 import shlex
@@ -220,10 +219,11 @@ def load(job_yaml: Path):
 
 
 def _quiet_sdk() -> None:
-    # The SDK prints notices about its experimental schema classes on every load.
+    # The SDK warns about its experimental schema classes on every load; nothing for a user to act on.
     import warnings
 
-    os.environ.setdefault("AZURE_ML_CLI_PRIVATE_FEATURES_ENABLED", "false")
     warnings.filterwarnings("ignore", module=r"azure\.ai\.ml")
-    for name in ("azure.ai.ml", "azure.ai.ml._utils", "azure.identity", "azure.core.pipeline.policies.http_logging_policy"):
+    warnings.filterwarnings("ignore", module=r"marshmallow")
+    logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
+    for name in ("azure.identity", "azure.core.pipeline.policies.http_logging_policy"):
         logging.getLogger(name).setLevel(logging.WARNING)

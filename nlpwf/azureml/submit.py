@@ -67,6 +67,11 @@ def submit_one(ml_client, sub: Submission) -> str:
     return created.name
 
 
+def job_status(ml_client, name: str) -> str:
+    status = ml_client.jobs.get(name).status
+    return str(getattr(status, "value", status))  # the SDK answers with a str enum; messages want "Failed"
+
+
 def error_text(ml_client, name: str, status: str) -> str:
     """Azure's own account of why a job ended badly."""
     if status != "Failed":
@@ -86,10 +91,10 @@ def wait_one(ml_client, sub: Submission, settings: DictConfig, stream: bool):
             ml_client.jobs.stream(name)
         except Exception as e:  # noqa: BLE001 - failure details come from error_text below
             log.debug("stream of %s ended: %s", name, e)
-    status = ml_client.jobs.get(name).status
+    status = job_status(ml_client, name)
     while status not in TERMINAL:
         time.sleep(settings.poll_interval_s)
-        status = ml_client.jobs.get(name).status
+        status = job_status(ml_client, name)
     if status != "Completed":
         return RuntimeError(error_text(ml_client, name, status))
     download = sub.job_dir / azjob.AZURE_DIR / DOWNLOAD_DIR
