@@ -48,3 +48,14 @@ def test_launcher_settings_defaults():
     launcher = compose("compute=d32_v5", return_hydra_config=True).hydra.launcher
     assert (launcher.wait, launcher.dry_run, launcher.emulate) == (False, False, False)
     assert launcher.environment.docker_context == "docker" and launcher.environment.image is None
+
+
+def test_cli_with_launcher_local_runs_here_as_a_plain_run(tmp_path):
+    """No --multirun: the Azure option with launcher=local is a plain run (outputs/, not multirun/).
+    nodes=0 stops it at the input checks, before any process starts."""
+    from tests.conftest import run_cli
+
+    r = run_cli("compute=d32_v5", "launcher=local", "nodes=0", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "nlpwf: error: nodes=0" in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "outputs").is_dir() and not (tmp_path / "multirun").exists()
