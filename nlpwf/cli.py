@@ -105,3 +105,11 @@ def main(cfg: DictConfig) -> float | None:
     except (UserError, JobFailed) as e:
         print(f"nlpwf: error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+    except Exception as e:  # a full or read-only disk found mid-run: one line too
+        from nlpwf import validate
+
+        problem = validate.storage_problem(e, Path(HydraConfig.get().runtime.output_dir))
+        if problem is None:
+            raise
+        print(f"nlpwf: error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(UserError.exit_code)

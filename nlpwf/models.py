@@ -25,6 +25,8 @@ def resolve_source(source: str) -> tuple[str, bool]:
         return str(module.get_model_path()), False
     if Path(source).expanduser().is_dir():
         return str(Path(source).expanduser()), False
+    if Path(source).expanduser().exists():  # not a Hub id either: say so instead of trying the Hub
+        raise UserError(f"model source {source} is a file, not a folder: point model.source at a save_pretrained folder")
     return source, True
 
 

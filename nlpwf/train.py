@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from nlpwf import data, distributed, metrics, models, outputs, perf
-from nlpwf import checkpoints, faults, plots, progress, tracking
+from nlpwf import checkpoints, faults, plots, progress, tracking, validate
 from nlpwf.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 def check(cfg: DictConfig) -> None:
     """Checks that need no data or weights, done before any process starts or file is written."""
+    validate.config_types(cfg)  # `nodes=two` would otherwise fail below as a TypeError
     if cfg.nodes < 1:
         raise UserError(f"nodes={cfg.nodes}: a job needs at least one node, e.g. nodes=1")
     if cfg.compute.processes_per_node < 1:
@@ -75,7 +76,7 @@ def training_arguments(cfg: DictConfig, job_dir: Path) -> TrainingArguments:
     unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(TrainingArguments)})
     if unknown:
         name = unknown[0]
-        hint = RENAMED.get(name, "check the spelling against transformers' TrainingArguments")
+        hint = RENAMED.get(name) or validate.spelling_hint(name)
         raise UserError(f"training.{name} is not a TrainingArguments field in transformers {transformers.__version__}: {hint}")
     try:
         return TrainingArguments(**kwargs)
