@@ -5,20 +5,27 @@ from __future__ import annotations
 import csv
 import json
 import re
+from pathlib import Path
 
 from tests.conftest import TINY, run_cli
 
 
 def test_two_node_job_trains_with_ddp_from_the_snapshot(tmp_path):
-    sweep = tmp_path / "sweep"
+    sweep, scratch = tmp_path / "sweep", tmp_path / "scratch"
     r = run_cli("experiment=quickstart", "compute=d32_v5", "nodes=2", "compute.processes_per_node=1",
-                "hydra.launcher.emulate=true", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+                "hydra.launcher.emulate=true", f"hydra.launcher.emulate_dir={scratch}", *TINY,
+                f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr
-    workdir = re.search(r"emulating Azure ML job \S+ here: 2 node\(s\) x 1 process\(es\), .* in (\S+)", out).group(1)
-    # rank 0 wrote into the pinned run dir of the snapshot copy, as on an Azure node
-    assert f"model and metrics in {workdir}/outputs" in out
+    nodes_dir = re.search(r"emulating Azure ML job \S+ here: 2 node\(s\) x 1 process\(es\), .* in (\S+)/node-N", out).group(1)
+    assert nodes_dir.startswith(str(scratch))
+    # each node ran in its own copy of the snapshot; rank 0 (node 0) wrote results into its pinned run dir
+    assert f"model and metrics in {nodes_dir}/node-0/outputs" in out
     assert "[rank 1]" in out
+    for node in ("node-0", "node-1"):
+        assert (Path(nodes_dir) / node / "nlpwf_job.yaml").is_file()
+        assert (Path(nodes_dir) / node / "outputs").is_dir()  # the process ran there
+    assert not (Path(nodes_dir) / "node-1" / "outputs" / "metrics.json").exists()
 
     job_dir = sweep / "0"
     metrics = json.loads((job_dir / "metrics.json").read_text())
@@ -34,27 +41,51 @@ def test_two_node_job_trains_with_ddp_from_the_snapshot(tmp_path):
     assert float(rows[0]["eval_accuracy"]) == metrics["eval_accuracy"]
 
 
-def test_two_point_multirun_returns_two_results(tmp_path):
-    sweep = tmp_path / "sweep"
-    r = run_cli("--multirun", "compute=d32_v5", "compute.processes_per_node=1", "hydra.launcher.emulate=true", *TINY,
-                "training.learning_rate=1e-4,3e-4", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = list(csv.DictReader((sweep / "summary.csv").open()))
-    assert [row["job"] for row in rows] == ["0", "1"]
-    assert [row["status"] for row in rows] == ["COMPLETED", "COMPLETED"]
-    rates = [float(row["overrides"].split("training.learning_rate=")[1].split()[0]) for row in rows]
-    assert rates == [1e-4, 3e-4]
-    for i, row in enumerate(rows):
-        metrics = json.loads((sweep / str(i) / "metrics.json").read_text())
-        assert float(row["eval_accuracy"]) == metrics["eval_accuracy"]
-        assert (sweep / str(i) / "azureml" / "job.yaml").is_file()
+def test_two_point_multirun_returns_two_results(hydra_sweep_runner, hydra_restore_singletons, tmp_path):
+    """In process, to see what the launcher hands the sweeper: each point's objective."""
+    from hydra import version
+
+    from nlpwf import CONF_DIR, cli
+
+    version.setbase("1.3")  # nlpwf's own (hydra.main's); restored after the test
+    sweep = hydra_sweep_runner(
+        calling_file=None, calling_module="nlpwf.cli", task_function=cli.main.__wrapped__,
+        config_path=str(CONF_DIR), config_name="config", temp_dir=tmp_path / "sweep",
+        overrides=["compute=d32_v5", "compute.processes_per_node=1", "hydra.launcher.emulate=true", *TINY,
+                   "training.learning_rate=1e-4,3e-4"],
+    )
+    with sweep:
+        runs = sweep.returns[0]
+        assert [r.overrides[-1] for r in runs] == ["training.learning_rate=0.0001", "training.learning_rate=0.0003"]
+        assert [r.hydra_cfg.hydra.job.num for r in runs] == [0, 1]
+        for r in runs:
+            job_dir = Path(r.hydra_cfg.hydra.runtime.output_dir)
+            metrics = json.loads((job_dir / "metrics.json").read_text())
+            assert r.return_value == metrics["eval_accuracy"]
+            assert metrics["world_size"] == 1 and (job_dir / "azureml" / "job.yaml").is_file()
+        rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
+        assert [row["status"] for row in rows] == ["COMPLETED", "COMPLETED"]
+        assert [float(row["eval_accuracy"]) for row in rows] == [r.return_value for r in runs]
 
 
-def test_failing_job_fails_and_keeps_its_working_dir(tmp_path):
-    sweep = tmp_path / "sweep"
-    # a key transformers does not know: the remote process rejects it (exit 2), as it would on Azure
-    r = run_cli("compute=d32_v5", "compute.processes_per_node=1", "hydra.launcher.emulate=true", *TINY,
-                "+training.not_a_field=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert r.returncode == 2
-    assert "training.not_a_field is not a TrainingArguments field" in r.stdout + r.stderr
-    assert "nlpwf: error: the emulated job" in r.stderr
+def test_failing_job_is_a_failed_result_and_keeps_its_working_dirs(hydra_sweep_runner, hydra_restore_singletons, tmp_path):
+    """The job's env vars reach its processes; here one (PYTHONHOME) keeps Python from starting at all,
+    as a broken image would on Azure: the job fails, the sweep reports it, the node dirs stay."""
+    import pytest
+    from hydra import version
+
+    from nlpwf import CONF_DIR, cli
+
+    version.setbase("1.3")
+    scratch = tmp_path / "scratch"
+    sweep = hydra_sweep_runner(
+        calling_file=None, calling_module="nlpwf.cli", task_function=cli.main.__wrapped__,
+        config_path=str(CONF_DIR), config_name="config", temp_dir=tmp_path / "sweep",
+        overrides=["compute=d32_v5", "compute.processes_per_node=1", "hydra.launcher.emulate=true", *TINY,
+                   f"hydra.launcher.emulate_dir={scratch}", "+hydra.launcher.environment_variables.PYTHONHOME=/nonexistent"],
+    )
+    with pytest.raises(RuntimeError, match=r"the emulated Azure ML job nlpwf-\S+ failed \(exit code 1\).* kept in"):
+        with sweep:
+            pass
+    kept = list(scratch.glob("nlpwf-*/node-0"))
+    assert len(kept) == 1 and (kept[0] / "nlpwf_job.yaml").is_file()

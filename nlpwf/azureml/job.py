@@ -121,7 +121,7 @@ def remote_command() -> str:
 def environment_variables(cfg: DictConfig, settings: DictConfig) -> dict[str, str]:
     env = {
         "OMP_NUM_THREADS": str(threads_per_process(cfg)),
-        "TOKENIZERS_PARALLELISM": "false",  # the tokenizer runs before DDP forks nothing; keep its pool quiet
+        "TOKENIZERS_PARALLELISM": "false",  # its thread pool would compete with the OMP threads of the ranks
         "HYDRA_FULL_ERROR": "1",            # a failing job's log then has the whole traceback
     }
     env.update({str(k): str(v) for k, v in (settings.environment_variables or {}).items()})
