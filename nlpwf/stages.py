@@ -9,7 +9,8 @@ from omegaconf import DictConfig
 from nlpwf.errors import UserError
 
 # Imported on demand: a stage's heavy dependencies (e.g. Neural Compressor) load only when used.
-STAGES = {"train": "nlpwf.train"}
+STAGES = {"train": "nlpwf.train", "evaluate": "nlpwf.evaluate", "predict": "nlpwf.predict",
+          "quantize": "nlpwf.quantize", "benchmark": "nlpwf.latency"}
 
 
 def get(name: str) -> Callable[[DictConfig, object], dict | None]:

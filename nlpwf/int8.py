@@ -1,0 +1,212 @@
+"""INT8 models: quantize a `PairLogits` model, save it to a folder, load it back.
+
+Backends:
+- `inc_static`, `inc_dynamic`: Intel Neural Compressor 3.x on its PT2E path (torch.export,
+  then prepare / calibrate / convert). Both need the calibration pass: INC's prepared graph
+  holds observers that set the scales, and its convert() does not check that they saw any
+  data; uncalibrated, the observers keep their initial values and the model outputs a constant.
+  `calibrate` therefore refuses to hand on a model whose observers saw nothing.
+- `torch_dynamic`: PyTorch's own dynamic INT8 of every nn.Linear (fbgemm/x86 kernels), which
+  needs no graph capture and, on CPUs without AMX, is often the fastest.
+
+A quantized folder holds the model's config.json and tokenizer (so it serves like a model/
+folder), `nlpwf_quantized.json` (the backend and where the model came from) and the weights
+in the backend's own format.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from nlpwf.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("inc_static", "inc_dynamic", "torch_dynamic")
+MANIFEST = "nlpwf_quantized.json"
+TORCH_WEIGHTS = "quantized_state_dict.pt"
+INC_DIR = "inc"
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise UserError(f"INT8 backend {backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+
+
+def is_quantized(folder: Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+# ---------------------------------------------------------------- Neural Compressor (PT2E)
+
+def _inc_config(backend: str, tuning: bool = False):
+    from neural_compressor.torch.quantization import DynamicQuantConfig, StaticQuantConfig
+
+    cls = StaticQuantConfig if backend == "inc_static" else DynamicQuantConfig
+    if tuning:
+        return cls.get_config_set_for_tuning()
+    return cls()
+
+
+def _dynamic_shapes() -> dict:
+    # Batch size and sequence length vary in serving; everything else is fixed by the model.
+    from torch.export import Dim
+
+    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=2, max=512)
+    return {name: {0: batch, 1: seq} for name in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def export(model: torch.nn.Module, example: Batch):
+    """The model as an ATen graph with dynamic batch and sequence dims, as INC's PT2E path needs."""
+    from neural_compressor.torch.export import export as inc_export
+
+    example = _exportable(example)
+    return inc_export(model.eval(), example, dynamic_shapes=_dynamic_shapes())
+
+
+def _exportable(example: Batch) -> Batch:
+    # torch.export specialises a dim that is 1 in the example to a constant: use 2 rows at least.
+    if example[0].shape[0] >= 2:
+        return example
+    return tuple(t[:1].repeat(2, 1) for t in example)
+
+
+def _observers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    # torchao's and torch.ao's min/max and histogram observers all keep min_val / max_val.
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "min_val") and hasattr(m, "max_val")]
+
+
+def uncalibrated_observers(prepared: torch.nn.Module) -> list[str]:
+    """Observers that never saw a tensor: their min_val is still empty or +inf."""
+    return [name for name, m in _observers(prepared)
+            if m.min_val.numel() == 0 or bool(torch.isinf(m.min_val).any())]
+
+
+def calibrate(prepared: torch.nn.Module, batches: Sequence[Batch]) -> None:
+    """Run calibration pairs through a prepared model; refuse if an observer saw nothing."""
+    if not batches:
+        raise UserError("INT8 quantization needs calibration pairs: set stage.calibration_samples to 1 or more (256 is plenty)")
+    with torch.no_grad():
+        for batch in batches:
+            prepared(*batch)
+    missing = uncalibrated_observers(prepared)
+    if missing:
+        raise RuntimeError(f"calibration left {len(missing)} observer(s) without data (e.g. {missing[0]}): the INT8 model would output constants")
+
+
+def inc_quantize(model: torch.nn.Module, backend: str, calibration: Sequence[Batch], config=None):
+    """INC prepare -> calibrate -> convert on the exported graph (qdq form)."""
+    from neural_compressor.torch.quantization import convert, prepare
+
+    prepared = prepare(export(model, calibration[0] if calibration else _empty_example()), config or _inc_config(backend))
+    calibrate(prepared, calibration)
+    return convert(prepared)
+
+
+def _empty_example() -> Batch:
+    ones = torch.ones(2, 8, dtype=torch.long)
+    return ones, ones, torch.zeros_like(ones)
+
+
+def inc_tune(model: torch.nn.Module, backend: str, calibration: Sequence[Batch],
+             accuracy: Callable[[Callable], float], tolerable_loss: float, max_trials: int):
+    """INC's accuracy-aware tuning: its config set for the backend, tried in turn until one keeps
+    `accuracy` within `tolerable_loss` (relative, as INC defines it) of the fp32 graph's."""
+    from neural_compressor.torch.quantization import TuningConfig, autotune
+
+    if not calibration:
+        calibrate(model, calibration)  # raises the one-line error
+    tune_config = TuningConfig(config_set=_inc_config(backend, tuning=True), tolerable_loss=tolerable_loss, max_trials=max_trials)
+    return autotune(export(model, calibration[0]), tune_config, eval_fn=accuracy,
+                    run_fn=lambda prepared: calibrate(prepared, calibration))
+
+
+def compile_graph(graph: torch.nn.Module) -> Callable:
+    """Inductor lowers INC's quantize/dequantize pairs around matmuls to INT8 oneDNN kernels;
+    freezing lets it pre-pack the INT8 weights. Compilation happens on the first calls."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(graph, dynamic=True)
+
+
+# ---------------------------------------------------------------- PyTorch dynamic INT8
+
+def torch_dynamic(model: torch.nn.Module) -> torch.nn.Module:
+    """Every nn.Linear to INT8 weights with activations quantized per call (no calibration)."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        # torch.ao's eager quantization warns that it will move to torchao; it still ships and works.
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+# ---------------------------------------------------------------- one entry, save, load
+
+def quantize(model: torch.nn.Module, backend: str, calibration: Sequence[Batch]):
+    check_backend(backend)
+    if backend == "torch_dynamic":
+        return torch_dynamic(model)
+    return inc_quantize(model, backend, calibration)
+
+
+def save(qmodel, backend: str, folder: Path, example: Batch, source: Path, tokenizer, info: dict) -> None:
+    """Write a quantized model to `folder` (which must exist and be empty: a staging dir)."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    AutoConfig.from_pretrained(str(source), local_files_only=True).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    if backend == "torch_dynamic":
+        torch.save(qmodel.state_dict(), folder / TORCH_WEIGHTS)
+    else:
+        # INC re-exports the converted graph; its saved program keeps the dynamic dims.
+        qmodel.save(example_inputs=_exportable(example), output_dir=str(folder / INC_DIR))
+    manifest = {"backend": backend, "source_model": str(source), "torch": torch.__version__, **info}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+def load(folder: Path, compile: bool = True) -> tuple[Callable, str]:
+    """A saved INT8 folder -> (callable on the three input tensors, backend name)."""
+    folder = Path(folder)
+    backend = manifest(folder).get("backend")
+    check_backend(backend)
+    if backend == "torch_dynamic":
+        return _load_torch_dynamic(folder), backend
+    from neural_compressor.torch.quantization import load as inc_load
+
+    if not (folder / INC_DIR / "qconfig.json").is_file():
+        raise UserError(f"{folder} says it holds an {backend} model but {INC_DIR}/qconfig.json is missing: quantize it again")
+    graph = inc_load(str(folder / INC_DIR))
+    return (compile_graph(graph) if compile else graph), backend
+
+
+def _load_torch_dynamic(folder: Path) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from nlpwf.inference import PairLogits
+
+    # The quantized modules must exist before their packed weights can be loaded into them.
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    skeleton = torch_dynamic(PairLogits(AutoModelForSequenceClassification.from_config(config)))
+    skeleton.load_state_dict(torch.load(folder / TORCH_WEIGHTS, weights_only=False))
+    return skeleton.eval()
+
+
+def relative_tolerance(points: float, baseline_accuracy: float) -> float:
+    """INC's tolerable_loss is relative to the baseline; nlpwf's tolerance is in accuracy points."""
+    return (points / 100.0) / max(baseline_accuracy, 1e-9)
