@@ -205,6 +205,7 @@ def prepare(cfg: DictConfig, job_dir: Path, settings: DictConfig, hydra_cfg: Dic
     job = command_job(spec, cfg, settings, hydra_cfg, code=str(snap), environment=environment(settings))
     _quiet_sdk()
     job.dump(str(spec.job_yaml))
+    load(spec.job_yaml)  # the SDK's own client-side validation, on exactly what will be sent
     log.info("Azure ML job %s: %d node(s) x %d process(es) on cluster %s, spec %s",
              spec.name, nodes, procs, spec.cluster["name"], spec.job_yaml)
     return spec
