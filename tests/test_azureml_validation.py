@@ -52,6 +52,15 @@ def test_docker_context_without_dockerfile(tmp_path):
           "hydra.launcher.environment.image=registry.example/nlpwf:1")  # an image needs no context
 
 
+def test_local_data_or_weights_folder_is_rejected(glue_dir):
+    with pytest.raises(UserError, match=f"dataset.data_dir={glue_dir} is a folder on this machine"):
+        check("hydra.launcher.dry_run=true", "dataset=mrpc", f"dataset.data_dir={glue_dir}")
+    with pytest.raises(UserError, match=f"model.source={glue_dir} is a folder on this machine"):
+        check("hydra.launcher.emulate=true", f"model.source={glue_dir}")
+    check("hydra.launcher.dry_run=true", "dataset=mrpc")  # the Hub dataset: read on the nodes
+    check("hydra.launcher.dry_run=true", "model=tiny_bert")  # package:... weights ship in the image
+
+
 def test_config_json_is_searched_in_cwd_and_parents(tmp_path, monkeypatch):
     nested = tmp_path / "a" / "b"
     nested.mkdir(parents=True)

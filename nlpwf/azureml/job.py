@@ -29,6 +29,8 @@ AZURE_DIR = "azureml"          # in the job dir: job.yaml and the code snapshot
 JOB_YAML = "job.yaml"
 SNAPSHOT_DIR = "snapshot"
 REMOTE_RUN_DIR = "outputs"     # Azure ML uploads ./outputs of the working dir (the code dir)
+# Inputs that may name a local folder: the snapshot carries code, not data or weights.
+LOCAL_INPUTS = ("dataset.data_dir", "model.source", "model.tokenizer")
 CLUSTER_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{1,15}$")  # AmlCompute's naming rule
 
 
@@ -78,6 +80,11 @@ def validate(cfg: DictConfig, settings: DictConfig, sweeper_target: str | None) 
                         f"lower nodes or set compute.cluster.max_instances={cfg.nodes}")
     if cfg.compute.get("cores") is None and not cfg.compute.get("threads_per_process"):
         raise UserError(f"compute={cfg.compute.name} has no cores count: set compute.cores (physical cores per VM)")
+    for key in LOCAL_INPUTS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and not value.startswith("package:") and Path(value).expanduser().exists():
+            raise UserError(f"{key}={value} is a folder on this machine, which the Azure ML job cannot read: "
+                            "use a Hub id, or a path that exists on the nodes (e.g. a mounted datastore)")
     if not settings.environment.image:
         docker_context(settings)  # raises when missing
     if not (settings.dry_run or settings.emulate):
