@@ -226,12 +226,9 @@ class Recorder(TrainerCallback):
         self.settings.comm_hook = self.hook_name
 
     def _record_batch(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if not module.training or mask is None:
-            return
-        lengths = mask.sum(dim=1)
-        self.batches.append((mask.shape[0], mask.shape[1], int(lengths.max()), int(lengths.min()),
-                             int(lengths.sum()), int((lengths * lengths).sum())))
+        shape = batch_shape(module, kwargs)
+        if shape is not None:
+            self.batches.append(shape)
 
     def _record_dtype(self, module, inputs, output):
         if module.training and self.activation_dtype is None:
@@ -260,6 +257,18 @@ class Recorder(TrainerCallback):
             "perf_ddp_comm_hook": self.settings.comm_hook, "perf_ddp_comm_hook_calls": self.hook_calls,
             "perf_processes": self.ranks,
         }
+
+
+def batch_shape(module, kwargs) -> tuple[int, int, int, int, int, int] | None:
+    """(batch, padded length, longest, shortest, sum of lengths, sum of squared lengths) of a
+    training forward's input, from its attention mask; None in eval. Squared lengths give the
+    attention FLOPs."""
+    mask = kwargs.get("attention_mask")
+    if not module.training or mask is None:
+        return None
+    lengths = mask.sum(dim=1)
+    return (mask.shape[0], mask.shape[1], int(lengths.max()), int(lengths.min()),
+            int(lengths.sum()), int((lengths * lengths).sum()))
 
 
 def gather(item) -> list:
