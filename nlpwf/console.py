@@ -78,7 +78,7 @@ def config_tree(cfg: DictConfig) -> str:
 def show_config(cfg: DictConfig, rank: int | None) -> None:
     """Once per run: by the process the user started, or by rank 0 of a job started elsewhere
     (Azure ML, torchrun), not again by the workers of a local job."""
-    if (rank or 0) != 0 or os.environ.get(_SHOWN):
+    if rank is not None and (rank != 0 or os.environ.get(_SHOWN)):
         return
     log.info("config:\n%s", config_tree(cfg))
-    os.environ[_SHOWN] = "1"
+    os.environ[_SHOWN] = "1"  # inherited by the workers this process starts

@@ -28,14 +28,14 @@ def test_checkpoints_every_n_steps_and_each_epoch_end(uninterrupted):
 def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
     job = tmp_path / "job"
     # resume=auto on a fresh job dir is a fresh start
-    proc = start_cli(*RESUMABLE, "training.resume=auto", f"hydra.run.dir={job}", log=tmp_path / "first.log")
+    proc = start_cli(*RESUMABLE, "training.resume=auto", "logger=mlflow", f"hydra.run.dir={job}", log=tmp_path / "first.log")
     wait_for(lambda: complete_steps(job), proc)  # the first checkpoint (step 3) is complete
     kill_group(proc)
     assert "no complete checkpoint" in (tmp_path / "first.log").read_text()
     done = complete_steps(job)
     assert done and max(done) < 20 and not (job / "metrics.json").exists(), "the kill landed after training ended"
 
-    resumed = run_cli(*RESUMABLE, "training.resume=auto", f"hydra.run.dir={job}")
+    resumed = run_cli(*RESUMABLE, "training.resume=auto", "logger=mlflow", f"hydra.run.dir={job}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {job / 'checkpoints' / f'checkpoint-{max(done)}'}" in resumed.stdout + resumed.stderr
 
@@ -45,6 +45,18 @@ def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
     whole, pieced = loss_trace(uninterrupted), loss_trace(job)
     assert sorted(whole) == sorted(pieced) == list(range(1, 21))  # the log history survives the kill
     assert max(abs(whole[s] - pieced[s]) for s in whole) <= TOLERANCE
+    print(f"resumed from step {max(done)}: eval_loss differs by {abs(a['eval_loss'] - b['eval_loss']):.3g}, "
+          f"loss trace by at most {max(abs(whole[s] - pieced[s]) for s in whole):.3g}, "
+          f"parameters {'identical' if a['parameter_digests'] == b['parameter_digests'] else 'differ'}")
+
+    # Both parts report into one MLflow run (its id is kept in the job dir), which ends FINISHED.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # no global state: later runs inherit env
+    runs = client.search_runs([client.get_experiment_by_name("nlpwf").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert {m.step for m in history} == set(range(1, 21))
 
 
 def test_half_written_newer_checkpoint_is_skipped_and_discarded(uninterrupted, tmp_path):

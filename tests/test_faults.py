@@ -32,11 +32,12 @@ def _ranks(parent: subprocess.Popen) -> dict[int, psutil.Process]:
     return found
 
 
-def _assert_loadable(ckpt) -> None:
+def _assert_loadable(ckpt, ranks: int = 2) -> None:
     assert checkpoints.is_complete(ckpt)
     assert load_file(str(ckpt / "model.safetensors"))
     assert torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
-    assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
+    rng = ["rng_state.pth"] if ranks == 1 else [f"rng_state_{r}.pth" for r in range(ranks)]
+    assert all(torch.load(ckpt / name, weights_only=False)["cpu"] is not None for name in rng)
 
 
 def test_killing_one_rank_stops_every_rank_and_the_job_resumes(tmp_path):
@@ -70,7 +71,7 @@ def test_killing_one_rank_stops_every_rank_and_the_job_resumes(tmp_path):
 def test_a_stalled_rank_makes_its_peer_exit_after_the_group_timeout(tmp_path):
     """Without nlpwf's launcher (torchrun, Azure ML start the ranks), a surviving rank must not
     wait forever on a rank that stalled: it gives up after training.ddp_timeout."""
-    timeout_s = 15
+    timeout_s = 10
     job = tmp_path / "job"
     job.mkdir()
     cfg = compose(*RESUMABLE, f"training.ddp_timeout={timeout_s}")
@@ -115,12 +116,10 @@ def test_kill_during_a_checkpoint_write_falls_back_to_the_previous_one(tmp_path)
     previous = checkpoints.newest_complete(folder)
     assert half.is_dir() and not checkpoints.is_complete(half), "the kill landed after the write finished"
     assert checkpoints.step_of(previous) < checkpoints.step_of(half)
-
-    resumed = run_cli(*wide, "training.resume=auto", f"hydra.run.dir={job}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    log = resumed.stdout + resumed.stderr
-    assert f"discarding incomplete checkpoint {half}" in log and f"resuming from {previous}" in log
-    assert metrics(job)["epoch"] == 2.0
+    # What `training.resume=auto` does first (the resume itself is tested in test_checkpoint_resume.py)
+    assert checkpoints.resume_point("auto", folder, is_main=True) == str(previous)
+    assert not half.exists()
+    _assert_loadable(previous, ranks=1)
 
 
 def test_same_seed_and_config_give_the_same_loss_trace(uninterrupted, tmp_path):

@@ -26,16 +26,15 @@ def tracked(tmp_path_factory):
 
 
 def test_mlflow_run_in_a_sqlite_store_beside_the_job(tracked):
-    import mlflow
+    from mlflow import MlflowClient
 
     root, job, _ = tracked
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["nlpwf"], output_format="list")
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")  # mlflow.set_tracking_uri would leak into later runs' env
+    runs = client.search_runs([client.get_experiment_by_name("nlpwf").experiment_id])
     assert len(runs) == 1  # rank 0 only
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked0/job"
     assert run.info.run_id == json.loads((job / tracking.RUNS_FILE).read_text())["mlflow"]
-    client = mlflow.MlflowClient()
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]  # the integration (64 pairs, 2 ranks x 16 a step)
     final = json.loads((job / "metrics.json").read_text())
     assert run.data.metrics["final/eval_accuracy"] == final["eval_accuracy"]  # nlpwf's own
