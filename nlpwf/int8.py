@@ -55,11 +55,11 @@ def _inc_config(backend: str, tuning: bool = False):
     return cls()
 
 
-def _dynamic_shapes() -> dict:
-    # Batch size and sequence length vary in serving; everything else is fixed by the model.
+def _dynamic_shapes(max_positions: int) -> dict:
+    # Batch size and sequence length vary in serving (up to the model's position table).
     from torch.export import Dim
 
-    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=2, max=512)
+    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=2, max=max_positions)
     return {name: {0: batch, 1: seq} for name in ("input_ids", "attention_mask", "token_type_ids")}
 
 
@@ -68,7 +68,9 @@ def export(model: torch.nn.Module, example: Batch):
     from neural_compressor.torch.export import export as inc_export
 
     example = _exportable(example)
-    return inc_export(model.eval(), example, dynamic_shapes=_dynamic_shapes())
+    config = getattr(getattr(model, "model", None), "config", None)
+    max_positions = int(getattr(config, "max_position_embeddings", 512))
+    return inc_export(model.eval(), example, dynamic_shapes=_dynamic_shapes(max_positions))
 
 
 def _exportable(example: Batch) -> Batch:
