@@ -200,3 +200,39 @@ def test_a_missing_cluster_that_may_not_be_created_fails_the_batch_without_submi
     assert [r.status for r in runs] == [JobStatus.FAILED, JobStatus.FAILED]
     assert "the workspace has no cluster cpu-d32-v5" in str(runs[0]._return_value)
     assert [r.method for r in transport.requests] == ["GET"]
+
+
+def test_ctrl_c_stops_watching_promptly_and_leaves_the_jobs_running(dry_run, tmp_path, capsys):
+    import os
+    import signal
+    import threading
+    import time
+
+    from omegaconf import OmegaConf
+
+    transport = RecordingTransport(status="Running", compute=AML_COMPUTE)
+    ws = OmegaConf.create(FAKE_WS)
+    ml_client = workspace.client(ws, credential=FakeCredential(), transport=transport)
+    prefix = (f"/subscriptions/{ws.subscription_id}/resourceGroups/{ws.resource_group}"
+              f"/providers/Microsoft.MachineLearningServices/workspaces/{ws.workspace_name}")
+    spec = yaml.safe_load((dry_run / "azureml" / "job.yaml").read_text())
+    spec.update(code=f"azureml:{prefix}/codes/c/versions/1", environment=f"azureml:{prefix}/environments/e/versions/1")
+    subs = []
+    for i in range(2):
+        spec["name"] = f"nlpwf-test-{i}"
+        (tmp_path / f"job{i}.yaml").write_text(yaml.safe_dump(spec))
+        subs.append(submit.Submission(name=spec["name"], job_dir=tmp_path, job_yaml=tmp_path / f"job{i}.yaml",
+                                      objective="eval_accuracy", cluster={"name": "cpu-d32-v5"},
+                                      vm_size="Standard_D32_v5", nodes=2))
+    settings = OmegaConf.create({"wait": True, "stream": False, "poll_interval_s": 600, "max_parallel": 2})
+    threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # the user's Ctrl-C while both jobs run
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        submit.execute(subs, settings, ml_client=ml_client)
+    assert time.monotonic() - started < 30  # not the 600 s poll interval
+    assert "stopped watching: submitted jobs keep running in Azure ML" in capsys.readouterr().out
+    deadline = time.monotonic() + 20  # a submission already under way completes; nothing is cancelled in Azure
+    while [r.method for r in transport.requests].count("PUT") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [r.method for r in transport.requests].count("PUT") == 2
+    assert "DELETE" not in [r.method for r in transport.requests] and not any("cancel" in r.url for r in transport.requests)

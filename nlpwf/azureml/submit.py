@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -83,17 +83,24 @@ def error_text(ml_client, name: str, status: str) -> str:
     return f"Azure ML job {name} failed (Azure gave no error details; see its logs in Studio)"
 
 
-def wait_one(ml_client, sub: Submission, settings: DictConfig, stream: bool):
+class Stopped(Exception):
+    """The user stopped watching (Ctrl-C); the job itself goes on in Azure ML."""
+
+
+def wait_one(ml_client, sub: Submission, settings: DictConfig, stream: bool, stop: threading.Event):
     """Block until the job ends; its objective, or an exception describing the failure."""
     name = sub.name
     if stream:
         try:
             ml_client.jobs.stream(name)
-        except Exception as e:  # noqa: BLE001 - failure details come from error_text below
+        except Exception as e:  # noqa: BLE001 - a failure's details come from error_text below
             log.debug("stream of %s ended: %s", name, e)
     status = job_status(ml_client, name)
+    if stream and status not in TERMINAL:  # the SDK ends its stream early only when interrupted
+        raise Stopped(name)
     while status not in TERMINAL:
-        time.sleep(settings.poll_interval_s)
+        if stop.wait(settings.poll_interval_s):
+            raise Stopped(name)
         status = job_status(ml_client, name)
     if status != "Completed":
         return RuntimeError(error_text(ml_client, name, status))
@@ -117,17 +124,30 @@ def execute(subs: list[Submission], settings: DictConfig, ml_client=None) -> lis
     except Exception as e:  # noqa: BLE001 - e.g. not signed in: every job of the batch fails with it
         error = RuntimeError(f"nothing submitted: {type(e).__name__}: {str(e).strip()}")
         return [error] * len(subs)
-    stream = settings.wait and settings.stream and len(subs) == 1
+    stop = threading.Event()
 
-    def one(sub: Submission):
+    def one(sub: Submission, stream: bool = False):
         try:
             submit_one(ml_client, sub)
-            return wait_one(ml_client, sub, settings, stream) if settings.wait else None
+            return wait_one(ml_client, sub, settings, stream, stop) if settings.wait else None
+        except Stopped:
+            raise
         except Exception as e:  # noqa: BLE001 - one job's failure must not lose the others' results
             return RuntimeError(f"Azure ML job {sub.name}: {type(e).__name__}: {str(e).strip()}")
 
-    with ThreadPoolExecutor(max_workers=max(1, min(settings.max_parallel, len(subs)))) as pool:
-        return list(pool.map(one, subs))
+    try:
+        if settings.wait and settings.stream and len(subs) == 1:  # in this thread, so Ctrl-C reaches the stream
+            return [one(subs[0], stream=True)]
+        pool = ThreadPoolExecutor(max_workers=max(1, min(settings.max_parallel, len(subs))))
+        try:
+            futures = [pool.submit(one, sub) for sub in subs]
+            return [f.result() for f in futures]
+        finally:
+            stop.set()  # on Ctrl-C the watchers end at their next poll; normally they are all done
+            pool.shutdown(wait=False, cancel_futures=True)
+    except (KeyboardInterrupt, Stopped):
+        print("stopped watching: submitted jobs keep running in Azure ML (Studio shows them)", flush=True)
+        raise KeyboardInterrupt from None
 
 
 def submit_all(runs: list, settings: DictConfig, ml_client=None) -> None:
