@@ -16,7 +16,7 @@ from nlpwf.distributed import Rank
 from nlpwf.errors import PeerLost
 
 # What gloo and torch.distributed say when a peer is gone or silent.
-_PEER_GONE = re.compile(r"gloo|Connection (reset|closed) by peer|Timed out waiting|ProcessGroup|NCCL|ccl", re.I)
+_PEER_GONE = re.compile(r"gloo|Connection (reset|closed) by peer|Timed out waiting|ProcessGroup|\b(NCCL|ccl|oneCCL)\b", re.I)
 
 
 def resume_hint(checkpoint_dir: Path, job_dir: Path) -> str:

@@ -66,10 +66,16 @@ def metrics(job: Path) -> dict:
     return json.loads((job / "metrics.json").read_text())
 
 
+_REFERENCE: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory) -> Path:
-    """One RESUMABLE run start to end: the reference for resume and determinism tests."""
-    job = tmp_path_factory.mktemp("whole") / "job"
-    proc = run_cli(*RESUMABLE, f"hydra.run.dir={job}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return job
+    """One RESUMABLE run start to end: the reference for resume and determinism tests. Each test
+    module that imports this fixture gets its own instance, so the run is cached here."""
+    if "job" not in _REFERENCE:
+        job = tmp_path_factory.mktemp("whole") / "job"
+        proc = run_cli(*RESUMABLE, f"hydra.run.dir={job}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _REFERENCE["job"] = job
+    return _REFERENCE["job"]
