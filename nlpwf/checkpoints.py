@@ -11,6 +11,7 @@ itself, `training.save_total_limit` complete checkpoints are kept).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -48,8 +49,6 @@ def is_complete(path: Path) -> bool:
     """Marked complete, and every file the marker lists is still there with its size."""
     marker = Path(path) / MARKER
     try:
-        import json
-
         files = json.loads(marker.read_text())["files"]
         return all((Path(path) / name).stat().st_size == size for name, size in files.items())
     except (OSError, ValueError, KeyError, TypeError):
