@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import signal
 import time
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
             raise UserError(f"stage.output={target} must have the input's file type ({reader.path.suffix})")
         writer = pairfiles.AtomicWriter(target, reader.format, None if reader.format == "jsonl" else reader.header, EXTRA_COLUMNS)
         start = time.perf_counter()
+        # A job stopped with SIGTERM (a scheduler, a timeout) unwinds like an error: no temp file left.
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             for chunk in reader.chunks():
                 labels, probs = classifier.predict(chunk.sentence1, chunk.sentence2, stage.batch_size)
@@ -49,6 +52,8 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
         except BaseException:
             writer.abort()
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         writer.commit()
         seconds = time.perf_counter() - start
         rows = reader.rows_read
@@ -60,6 +65,10 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
     outputs.write_json(Path(job_dir) / outputs.METRICS_FILE, result)
     log.info("%d pairs in %.1f s (%.1f pairs/s, peak RSS %.0f MB) -> %s", rows, seconds, result["pairs_per_second"], result["peak_rss_mb"], target)
     return result
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def peak_rss_mb() -> float:
