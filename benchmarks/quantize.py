@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, required=True, help="GLUE MRPC folder (train.tsv, dev.tsv)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/nlpwf_quantize_bench"))
     parser.add_argument("--pairs", type=int, default=100_000)
-    parser.add_argument("--steps", nargs="+", default=["quantize", "latency", "predict"], choices=["quantize", "latency", "predict"])
+    parser.add_argument("--steps", nargs="*", default=["quantize", "latency", "predict"], choices=["quantize", "latency", "predict"])
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     saved = args.work / "results.json"

@@ -41,7 +41,7 @@ def score(classifier: inference.Classifier, s1, s2, labels, batch_size: int) -> 
 def run(cfg: DictConfig, job_dir: Path) -> dict:
     inference.set_threads(cfg)
     s1, s2, labels, source = labelled_pairs(cfg)
-    classifier = inference.load_classifier(cfg.stage.model_path, "evaluate", cfg.stage.max_length, cfg.precision.name)
+    classifier = inference.load_classifier(cfg.stage.model_path, "evaluate", cfg.stage.max_length, cfg.precision.name, cfg.stage.compile)
     result = score(classifier, s1, s2, labels, cfg.stage.batch_size)
     result.update(model=str(cfg.stage.model_path), backend=classifier.name, eval_data=source)
     outputs.write_json(Path(job_dir) / outputs.METRICS_FILE, result)

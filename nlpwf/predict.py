@@ -36,7 +36,7 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
     threads = inference.set_threads(cfg)
     # Open the input first: a wrong file fails before the model is loaded.
     with pairfiles.PairReader(stage.input, stage.sentence1_column, stage.sentence2_column, chunk_rows=stage.chunk_rows) as reader:
-        classifier = inference.load_classifier(stage.model_path, "predict", stage.max_length, cfg.precision.name)
+        classifier = inference.load_classifier(stage.model_path, "predict", stage.max_length, cfg.precision.name, stage.compile)
         target = output_path(cfg, job_dir, reader.path)
         if pairfiles.file_format(target) != reader.format:
             raise UserError(f"stage.output={target} must have the input's file type ({reader.path.suffix})")
