@@ -155,3 +155,33 @@ def test_evaluate_a_labelled_file_gives_accuracy_f1_and_confusion(model, tmp_pat
 def test_evaluate_without_model_path_says_where_models_are(tmp_path):
     with pytest.raises(UserError, match=r"stage.model_path=DIR: the model/ folder of a training job"):
         evaluate.run(compose("stage=evaluate", "dataset.max_eval_samples=4"), _job(tmp_path))
+
+
+def test_benchmark_times_every_backend_at_every_batch_size_and_writes_a_table(model, tmp_path):
+    from nlpwf import latency
+
+    job = _job(tmp_path)
+    cfg = compose("stage=benchmark", f"stage.model_path={model}", "stage.backends=[fp32,bf16,torch_dynamic]",
+                  "stage.batch_sizes=[1,4]", "stage.rounds=2", "stage.calls_per_round=2", "stage.warmup_calls=1",
+                  "stage.calibration_samples=8", "dataset.max_train_samples=16", "dataset.max_eval_samples=12")
+    result = latency.run(cfg, job)
+    rows = {(r["backend"], r["batch_size"]): r for r in result["rows"]}
+    assert set(rows) == {(b, n) for b in ("fp32", "bf16", "torch_dynamic") for n in (1, 4)}
+    assert all(r["calls"] == 4 for r in rows.values())  # 2 rounds x 2 calls each
+    assert rows[("fp32", 1)]["speedup_vs_fp32"] == 1.0
+    # Accuracy is scored per backend on the eval split: the same 12 pairs, so a multiple of 1/12.
+    assert all(abs(r["accuracy"] * 12 - round(r["accuracy"] * 12)) < 1e-3 for r in rows.values())
+    table = (job / "benchmark.md").read_text()
+    assert table.count("| torch_dynamic |") == 2 and "alternating" in table
+    assert json.loads((job / "metrics.json").read_text())["rows"] == result["rows"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stage.backends=[fp32,onnx]", "choose from fp32, bf16"), ("stage.batch_sizes=[0]", "batch sizes of 1 or more"),
+    ("stage.rounds=0", "stage.rounds=0"),
+])
+def test_benchmark_config_mistakes_are_one_line_errors(override, message):
+    from nlpwf import latency
+
+    with pytest.raises(UserError, match=message):
+        latency.check(compose("stage=benchmark", override).stage)
