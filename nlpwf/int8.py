@@ -125,7 +125,8 @@ def inc_tune(model: torch.nn.Module, backend: str, calibration: Sequence[Batch],
 
     if not calibration:
         calibrate(model, calibration)  # raises the one-line error
-    tune_config = TuningConfig(config_set=_inc_config(backend, tuning=True), tolerable_loss=tolerable_loss, max_trials=max_trials)
+    # A list, even of one config: INC's autotune iterates config_set before expanding it.
+    tune_config = TuningConfig(config_set=[_inc_config(backend, tuning=True)], tolerable_loss=tolerable_loss, max_trials=max_trials)
     return autotune(export(model, calibration[0]), tune_config, eval_fn=accuracy,
                     run_fn=lambda prepared: calibrate(prepared, calibration))
 

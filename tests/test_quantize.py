@@ -134,3 +134,24 @@ def test_quantize_stage_publishes_a_model_that_evaluate_and_predict_serve(tmp_pa
     ev_job = tmp_path / "ev"
     ev_job.mkdir()
     assert evaluate.run(ev, ev_job)["eval_accuracy"] == result["eval_accuracy"]
+
+
+def test_inc_tuning_returns_the_best_trial_and_stops_at_the_tolerance(tiny):
+    folder, classifier, calibration, probe = tiny
+    s1, s2 = probe
+    labels = classifier.predict(s1, s2)[0].tolist()  # fp32's own labels: its accuracy is 1.0
+    scored = []
+
+    def accuracy(candidate) -> float:
+        value = (inference.Classifier(candidate, classifier.tokenizer, 64).predict(s1, s2)[0] == labels).mean()
+        scored.append(float(value))
+        return float(value)
+
+    tuned = int8.inc_tune(inference.load_fp32(folder), "inc_static", calibration, accuracy,
+                          int8.relative_tolerance(5.0, 1.0), max_trials=4)
+    baseline, trials = scored[0], scored[1:]
+    assert baseline == 1.0 and 1 <= len(trials) <= 4  # INC scored the fp32 graph, then its INT8 trials
+    # It stops at the first trial within 5 points, else returns the best of max_trials.
+    assert all(t < 0.95 for t in trials[:-1])
+    assert accuracy(tuned) == max(trials)
+    assert int8.uncalibrated_observers(tuned) == []  # converted: no observers left, all calibrated
