@@ -160,8 +160,8 @@ def render(result: dict) -> str:
     stage = result["stage"]
     note = (f"{result['date']}, {result['machine']}, {result['threads']} thread(s); {stage['rounds']} rounds x "
             f"{stage['calls_per_round']} calls per backend and batch size, alternating; inputs: real pairs, "
-            f"{'padded to ' + str(stage['seq_length']) if stage['seq_length'] else 'each batch padded to its longest pair'}; "
-            f"accuracy on {result['eval_pairs']} eval pairs.")
+            f"{'padded to ' + str(stage['seq_length']) if stage['seq_length'] else 'each batch padded to its longest pair'}"
+            + (f"; accuracy on {result['eval_pairs']} eval pairs." if has_acc else "."))
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
