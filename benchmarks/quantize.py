@@ -75,7 +75,7 @@ def step_predict(args) -> dict:
     return nlpwf(args.work / "predict", "stage=predict", f"stage.model_path={model}", f"stage.input={source}")
 
 
-def render(results: dict) -> str:
+def render(results: dict, notes: list[str]) -> str:
     lines = [f"# Quantize and serve: MiniLM-L6 fine-tuned on MRPC", "",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {platform.node()}; produced by `benchmarks/quantize.py`.", ""]
     if "quantize" in results:
@@ -94,6 +94,8 @@ def render(results: dict) -> str:
         lines += ["## predict at scale", "",
                   f"{p['predict_pairs']:,} pairs ({p['backend']} model, chunks of {p['chunk_rows']} rows): "
                   f"{p['pairs_per_second']:.1f} pairs/s, peak RSS {p['peak_rss_mb']:.0f} MB, {p['predict_seconds']:.0f} s.", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
 
 
@@ -103,6 +105,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, required=True, help="GLUE MRPC folder (train.tsv, dev.tsv)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/nlpwf_quantize_bench"))
     parser.add_argument("--pairs", type=int, default=100_000)
+    parser.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
     parser.add_argument("--steps", nargs="*", default=["quantize", "latency", "predict"], choices=["quantize", "latency", "predict"])
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,7 @@ def main() -> None:
             results[name]["table"] = (args.work / "latency" / "benchmark.md").read_text()
         saved.write_text(json.dumps(results, indent=2))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(render(results))
+    RESULTS.write_text(render(results, args.note))
     print(RESULTS.read_text())
 
 

@@ -81,9 +81,11 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
     outputs.write_json(job_dir / outputs.METRICS_FILE, result)
     if result["accuracy_loss_points"] > stage.tolerance:
         _remove(staged)
+        advice = ("try stage.backend=inc_static stage.tune=true, or raise stage.tolerance" if stage.backend == "torch_dynamic"
+                  else "try stage.tune=true, more stage.calibration_samples, or stage.backend=torch_dynamic")
         raise UserError(
-            f"{stage.backend} INT8 lost {result['accuracy_loss_points']:.2f} accuracy points (more than stage.tolerance={stage.tolerance}); "
-            f"not published: try stage.tune=true, more stage.calibration_samples, or stage.backend=torch_dynamic"
+            f"{stage.backend} INT8 lost {result['accuracy_loss_points']:.2f} accuracy points (more than "
+            f"stage.tolerance={stage.tolerance}); not published (metrics.json has the numbers): {advice}"
         )
     outputs.publish_dir(staged, job_dir / INT8_DIR)
     log.info("%s INT8: accuracy %.4f (fp32 %.4f), %.1f MB -> %.1f MB, in %s", stage.backend, result["eval_accuracy"],
