@@ -204,7 +204,8 @@ class Recorder(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         model = self.trainer.model
-        if not self._handles:
+        # Python hooks inside a compiled region would break its graph on every step: record nothing.
+        if not self._handles and not args.torch_compile:
             self._handles.append(model.register_forward_pre_hook(self._record_batch, with_kwargs=True))
             first_linear = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
             if first_linear is not None:

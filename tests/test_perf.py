@@ -74,27 +74,28 @@ def test_unknown_comm_hook_is_refused():
 
 # ---- one process: autocast dtype, batch shapes, same loss ----------------------------------
 
-@pytest.mark.parametrize("precision,dtype", [("bf16", "bfloat16"), ("fp32", "float32")])
-def test_autocast_region_runs_in_the_chosen_dtype(tmp_path, precision, dtype):
-    metrics, job, _ = train(tmp_path, precision, *TINY, f"precision={precision}")
-    assert metrics["perf_activation_dtype"] == dtype
-    assert metrics["perf_ipex"] in ("absent", "off") or metrics["perf_ipex"].startswith("ipex")
-    if metrics["perf_ipex"] == "absent":  # said once, then training went on
-        assert (job / "nlpwf.log").read_text().count("Intel Extension for PyTorch is not installed") == 1
-
-
 @pytest.fixture(scope="module")
 def shape_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shapes")
-    return {name: train(tmp, name, *SHAPES, *extra)[0] for name, extra in {
+    return {name: train(tmp, name, *SHAPES, *extra)[:2] for name, extra in {
         "pad128": SEED,
         "dynamic_random": ["training.train_sampling_strategy=random"],
         "dynamic_grouped": FAST,
     }.items()}
 
 
+@pytest.mark.parametrize("run,dtype", [("dynamic_grouped", "bfloat16"), ("pad128", "float32")])
+def test_autocast_region_runs_in_the_chosen_dtype(shape_runs, run, dtype):
+    metrics, job = shape_runs[run]
+    assert metrics["precision"] == {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+    assert metrics["perf_activation_dtype"] == dtype
+    assert metrics["perf_ipex"] == "absent" or metrics["perf_ipex"].startswith("ipex")
+    if metrics["perf_ipex"] == "absent":  # said once, then training went on
+        assert (job / "nlpwf.log").read_text().count("Intel Extension for PyTorch is not installed") == 1
+
+
 def test_seed_recipe_pads_every_batch_to_128(shape_runs):
-    m = shape_runs["pad128"]
+    m = shape_runs["pad128"][0]
     assert m["perf_train_batches"] == 50
     assert m["perf_mean_padded_length"] == 128 and m["perf_overpadded_batches"] == 50
     assert m["perf_padding_fraction"] > 0.6
@@ -102,41 +103,46 @@ def test_seed_recipe_pads_every_batch_to_128(shape_runs):
 
 def test_dynamic_padding_pads_each_batch_to_its_longest_pair(shape_runs):
     for name in ("dynamic_random", "dynamic_grouped"):
-        m = shape_runs[name]
+        m = shape_runs[name][0]
         assert m["perf_train_batches"] == 50
         assert m["perf_overpadded_batches"] == 0, name
         assert m["perf_max_padded_length"] < 128 and m["perf_mean_padded_length"] < 64
 
 
 def test_length_grouping_makes_batches_homogeneous(shape_runs):
-    grouped, shuffled = shape_runs["dynamic_grouped"], shape_runs["dynamic_random"]
+    grouped, shuffled = shape_runs["dynamic_grouped"][0], shape_runs["dynamic_random"][0]
     assert grouped["perf_mean_length_spread"] < 0.4 * shuffled["perf_mean_length_spread"]
     assert grouped["perf_padding_fraction"] < 0.5 * shuffled["perf_padding_fraction"]
 
 
-def test_dynamic_padding_gives_the_same_losses_as_padding_to_128(tmp_path):
-    """Padding is masked out: the per-step losses agree to float rounding (same sampler, fp32;
-    no dropout, whose masks depend on the padded shape)."""
-    args = [*TINY, "training.train_sampling_strategy=random", "precision=fp32",
+@pytest.fixture(scope="module")
+def loss_runs(tmp_path_factory):
+    """The same tiny run three ways: the seed's pad-to-128 fp32, dynamic padding fp32, and
+    dynamic padding bf16. Same sampler and no dropout (its masks depend on the padded shape),
+    so only padding and precision differ."""
+    tmp = tmp_path_factory.mktemp("losses")
+    args = [*TINY, "training.train_sampling_strategy=random", "training.learning_rate=1e-3",
             "+model.config.hidden_dropout_prob=0", "+model.config.attention_probs_dropout_prob=0"]
-    _, padded, _ = train(tmp_path, "pad", *args, "dataset.pad_to_max_length=true")
-    _, dynamic, _ = train(tmp_path, "dyn", *args, "dataset.pad_to_max_length=false")
-    a, b = losses(padded), losses(dynamic)
+    runs = {"seed": ["dataset.pad_to_max_length=true", "precision=fp32"],
+            "dynamic_fp32": ["dataset.pad_to_max_length=false", "precision=fp32"],
+            "fast": ["dataset.pad_to_max_length=false", "precision=bf16"]}
+    return {name: losses(train(tmp_path_factory.mktemp(name), name, *args, *extra)[1]) for name, extra in runs.items()}
+
+
+def test_dynamic_padding_gives_the_same_losses_as_padding_to_128(loss_runs):
+    """Padding is masked out: per-step losses agree to float rounding."""
+    a, b = loss_runs["seed"], loss_runs["dynamic_fp32"]
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
 
 
-def test_fast_and_seed_recipes_reach_the_same_loss(tmp_path):
-    """MiniLM on a slice of the sample, 2 epochs: the fast recipe (dynamic padding, length
-    grouping, bf16) and the seed's (pad to 128, random order, fp32) both learn, and their final
-    eval losses agree within 0.05 (seed-to-seed spread of this run is about 0.02)."""
-    common = ["experiment=quickstart", "dataset.max_train_samples=160", "dataset.max_eval_samples=64",
-              "training.num_train_epochs=2", "training.disable_tqdm=true", "training.eval_strategy=no"]
-    seed, _, _ = train(tmp_path, "seed", *common, *SEED)
-    fast, _, _ = train(tmp_path, "fast", *common, *FAST)
-    assert seed["eval_loss"] < 0.6 and fast["eval_loss"] < 0.6  # both learnt (chance is 0.69)
-    assert abs(seed["eval_loss"] - fast["eval_loss"]) < 0.05
-    assert fast["perf_mean_padded_length"] < 0.5 * seed["perf_mean_padded_length"]
+def test_fast_and_seed_recipes_reach_the_same_loss(loss_runs):
+    """bf16 autocast with dynamic padding follows the seed's fp32 pad-to-128 losses within 0.02
+    per step (bf16 keeps 8 mantissa bits; the weights and optimizer stay fp32), and the loss moves."""
+    seed, fast = loss_runs["seed"], loss_runs["fast"]
+    assert max(abs(x - y) for x, y in zip(seed, fast)) < 0.02
+    assert abs(seed[-1] - fast[-1]) < 0.02
+    assert len(set(round(x, 4) for x in fast)) > 1  # a real trajectory, not a constant
 
 
 # ---- two processes: threads, affinity, comm hook, no all-reduce while accumulating --------
