@@ -1,6 +1,6 @@
 """Training speed on this machine: the seed recipe against nlpwf's fast settings, in one run.
 
-    python benchmarks/train_speed.py            # about 30 minutes on 2 cores
+    python benchmarks/train_speed.py            # about an hour on 2 cores
     python benchmarks/train_speed.py --quick    # a smoke run, a few minutes
 
 Each variant trains in its own worker process through nlpwf's real training path
@@ -12,7 +12,9 @@ alike. A worker's clock runs only during its turns. Sections:
 2. training throughput (samples/s, tokens/s, MFU) of seed, fast-fp32 and fast-bf16 for
    minilm_l6 and the bert_base_uncased architecture (random init);
 3. time-to-accuracy on MRPC dev for minilm_l6: seed recipe against `experiment=mrpc_minilm`;
-4. gloo all-reduce time for each model's gradients, 2 processes on loopback, and the
+4. parity: both recipes on minilm_l6 trained their full 3 epochs, taking turns: dev accuracy at
+   each epoch end and the training throughput ratio over the whole run;
+5. gloo all-reduce time for each model's gradients, 2 processes on loopback, and the
    analytic multi-node model of benchmarks/README.md.
 
 Writes benchmarks/results/train_speed.{md,json} and throughput.png, accuracy_time.png.
@@ -49,7 +51,7 @@ COMMON = ["training.disable_tqdm=true", "training.save_strategy=no", "training.l
 # random order; its global batch of 16 (2 nodes x 8) in one process, on the dev split.
 SEED = ["experiment=mrpc_seed", "dataset.eval_split=validation", "training.per_device_train_batch_size=16",
         "training.per_device_eval_batch_size=64"]
-FAST = ["experiment=mrpc_minilm"]  # dynamic padding, length grouping, tuned schedule
+FAST = ["experiment=mrpc_minilm"]  # the seed's optimiser settings with dynamic padding
 VARIANTS = {"seed": SEED + ["precision=fp32"], "fast-fp32": FAST + ["precision=fp32"], "fast-bf16": FAST + ["precision=bf16"]}
 DTYPE = {"seed": "fp32", "fast-fp32": "fp32", "fast-bf16": "bf16"}
 WARMUP_STEPS = 3  # first steps pay for allocation and oneDNN kernel selection (1 with --quick)
@@ -134,7 +136,7 @@ def make_turns_callback(conn, turn_s: float, budget_s: float, target: float | No
             acc, now = metrics.get("eval_accuracy"), self.clock()
             self.eval_s += now - (self.steps[-1] if self.steps else now)
             self.evals.append({"own_s": now, "train_own_s": now - self.eval_s, "epoch": state.epoch, "step": state.global_step,
-                               "accuracy": acc})
+                               "accuracy": acc, "f1": metrics.get("eval_f1")})
             if stop_at_target and target is not None and acc is not None and acc >= target:
                 control.should_training_stop = True
 
@@ -170,6 +172,7 @@ def worker(conn, overrides: list[str], job_dir: str, turn_s: float, budget_s: fl
             "own_s": turns.clock(), "steps": turns.steps, "batches": turns.batches, "evals": turns.evals,
             "turns": turns.turn_own, "allocator": result.get("perf_allocator"), "epoch": result.get("epoch"),
             "eval_accuracy": result.get("eval_accuracy"), "activation_dtype": result.get("perf_activation_dtype"),
+            "eval_s": turns.eval_s,
         }))
     except Exception:
         conn.send(("error", traceback.format_exc()))
@@ -294,6 +297,29 @@ def measure_time_to_accuracy(args, tmp: Path, steps_per_epoch: dict) -> dict:
     return out
 
 
+def measure_parity(args, tmp: Path) -> dict:
+    """Seed and fast-bf16 recipes on minilm_l6, each trained its configured epochs with an
+    evaluation at every epoch end, taking turns: accuracy at equal epochs, and the ratio of
+    training throughput over the whole run (evaluation time taken out)."""
+    print("parity: minilm_l6", flush=True)
+    specs = {name: {"overrides": recipe + MODEL_ARGS["minilm_l6"] + COMMON + [f"dataset.data_dir={args.data}", "training.eval_strategy=epoch"]
+                    + args.parity_overrides,
+                    "threads": args.threads, "turn_s": args.turn_s, "budget_s": math.inf, "preload": name != "seed"}
+             for name, recipe in (("seed", SEED + ["precision=fp32"]), ("fast-bf16", FAST + ["precision=bf16"]))}
+    runs = take_turns(start_workers(specs, tmp / "parity"))
+    out = {}
+    for name, run in runs.items():
+        steps, batches = run["steps"], run["batches"]
+        n = min(len(steps), len(batches))
+        samples = sum(b[0] for b in batches[1:n])  # after the first step (allocation, kernel selection)
+        # evaluations inside the step window are taken out; the final one runs after the last step
+        final_eval = max(0.0, run["evals"][-1]["own_s"] - steps[-1]) if run["evals"] else 0.0
+        train_s = steps[n - 1] - steps[0] - (run["eval_s"] - final_eval)
+        out[name] = {"evals": [e for e in run["evals"] if e["accuracy"] is not None], "own_s": run["own_s"], "epoch": run["epoch"],
+                     "samples_per_s": samples / train_s, "train_s": train_s}
+    return out
+
+
 def eval_every(steps: int, per_epoch: int) -> int:
     """Eval interval dividing the epoch, so that every epoch end is evaluated (equal-epoch
     comparison), with about `per_epoch` evaluations per epoch."""
@@ -407,14 +433,15 @@ def render_markdown(res: dict) -> str:
              f"IPEX: {m['ipex']}, fast allocator: {m['allocator_available']}. Load average before/after: "
              f"{res['load_before']} / {res['load_after']} (shared machine). Command: `{res['command']}`.", "",
              f"Matmul peak (best {res['gemm_n']}x{res['gemm_n']} GEMM, {res['threads']} threads): "
-             f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s.", "",
-             "## Throughput", "",
+             f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s."]
+    if res.get("throughput"):
+        lines += ["", "## Throughput", "",
              "Tokens are real (non-pad) tokens; MFU = model FLOP/s on real tokens / matmul peak of the "
              "variant's dtype; HFU counts the padded tokens actually computed. Turn CV: spread of the "
              "variant's rate across its turns (machine noise).", "",
              "| model | variant | samples/s | tokens/s | × seed | padded len | model GFLOP/s | MFU | HFU | turn CV | allocator |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for model, variants in res["throughput"].items():
+    for model, variants in res.get("throughput", {}).items():
         base = variants["seed"]["samples_per_s"]
         for name, s in variants.items():
             peak = peaks[DTYPE[name]]
@@ -442,6 +469,21 @@ def render_markdown(res: dict) -> str:
         by_epoch = {name: {round(e["epoch"], 2): e["accuracy"] for e in r["evals"]} for name, r in t.items()}
         for ep in sorted(set.intersection(*(set(v) for v in by_epoch.values()))):
             lines.append(f"| {ep:.2f} | " + " | ".join(f"{by_epoch[n][ep]:.1%}" for n in t) + " |")
+    if res.get("parity"):
+        par = res["parity"]
+        epochs = sorted({round(e["epoch"], 2) for r in par.values() for e in r["evals"]})
+        base = par["seed"]["samples_per_s"]
+        lines += ["", "## Accuracy at equal epochs (minilm_l6, full runs)", "",
+                  "Both recipes trained to the end, evaluated on MRPC dev at each epoch end, taking turns. "
+                  "Training samples/s over the whole run, evaluations excluded.", "",
+                  "| recipe | " + " | ".join(f"acc. epoch {ep:g}" for ep in epochs) + " | F1 at end | samples/s | × seed | own time |",
+                  "|---|" + "---:|" * (len(epochs) + 4)]
+        for name, r in par.items():
+            at = {round(e["epoch"], 2): e["accuracy"] for e in r["evals"]}
+            lines.append(f"| {name} | " + " | ".join(f"{at[ep]:.1%}" if ep in at else "-" for ep in epochs)
+                         + f" | {r['evals'][-1]['f1']:.3f} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f} | {r['own_s'] / 60:.1f} min |")
+        last = {name: r["evals"][-1]["accuracy"] for name, r in par.items()}
+        lines += ["", f"Final accuracy, fast-bf16 minus seed: {(last['fast-bf16'] - last['seed']) * 100:+.1f} points."]
     if res.get("allreduce"):
         a = res["allreduce"]
         lines += ["", "## Scaling", "", "Measured: one all-reduce of the model's gradients, gloo, 2 processes on loopback "
@@ -466,7 +508,16 @@ def plot(res: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(res["throughput"])
+    models = list(res.get("throughput", {}))
+    if models:
+        plot_throughput(res, models, out)
+    if res.get("tta") or res.get("parity"):
+        plot_accuracy_time(res, out)
+
+
+def plot_throughput(res: dict, models: list, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
     for ax, model in zip(axes[0], models):
         v = res["throughput"][model]
@@ -476,19 +527,26 @@ def plot(res: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "throughput.png", dpi=110)
     plt.close(fig)
-    if res.get("tta"):
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for name, r in res["tta"].items():
+
+
+def plot_accuracy_time(res: dict, out: Path) -> None:
+    """Accuracy over own wall time: the time-to-accuracy runs, and the full parity runs dashed."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for section, style in (("tta", "-"), ("parity", "--")):
+        for name, r in res.get(section, {}).items():
             pts = [(e["own_s"] / 60, e["accuracy"]) for e in r["evals"] if e["accuracy"] is not None]
-            ax.plot(*zip(*pts), marker="o", label=name)
-        ax.axhline(res["target"], color="grey", linestyle="--", label=f"target {res['target']:.0%}")
-        ax.set_xlabel("wall time (min, own turns)")
-        ax.set_ylabel("MRPC dev accuracy")
-        ax.set_title("minilm_l6 on MRPC, 2 cores")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_time.png", dpi=110)
-        plt.close(fig)
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", label=name if section == "tta" else f"{name}, full run")
+    ax.axhline(res["target"], color="grey", linestyle=":", label=f"target {res['target']:.0%}")
+    ax.set_xlabel("wall time (min, own turns)")
+    ax.set_ylabel("MRPC dev accuracy")
+    ax.set_title("minilm_l6 on MRPC, 2 cores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_time.png", dpi=110)
+    plt.close(fig)
 
 
 # ---- main ----------------------------------------------------------------------------------
@@ -499,7 +557,7 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="GLUE MRPC folder (train.tsv, dev.tsv)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--target", type=float, default=0.84)
-    p.add_argument("--sections", default="throughput,tta,allreduce")
+    p.add_argument("--sections", default="throughput,tta,parity,allreduce")
     p.add_argument("--render", type=Path, help="only re-render the report from a train_speed.json")
     p.add_argument("--threads", type=int, default=None, help="threads per variant (default: all cores)")
     p.add_argument("--models", default=",".join(ARCH), help="models for the throughput and all-reduce sections")
@@ -515,6 +573,7 @@ def parse_args(argv=None):
     a.evals_per_epoch = 40 if a.quick else 4
     # --quick: evaluate often on a slice of dev, aim low, just to exercise the section
     a.tta_overrides = {k: ["dataset.max_eval_samples=64"] for k in ("seed", "fast-bf16")} if a.quick else {}
+    a.parity_overrides = ["dataset.max_train_samples=96", "dataset.max_eval_samples=32", "training.num_train_epochs=2"] if a.quick else []
     if a.quick and a.target == 0.84:
         a.target = 0.6
     return a
@@ -553,6 +612,8 @@ def main(argv=None) -> None:
             res["throughput"] = measure_throughput(args, tmp, res["peaks"])
         if "tta" in sections:
             res["tta"] = measure_time_to_accuracy(args, tmp, steps_per_epoch(args.data))
+        if "parity" in sections:
+            res["parity"] = measure_parity(args, tmp)
         sample_peaks(res["peaks"], args)
         if "allreduce" in sections:
             print("all-reduce", flush=True)
