@@ -53,7 +53,7 @@ def step_quantize(args) -> dict:
 
 def step_latency(args) -> dict:
     return nlpwf(args.work / "latency", "stage=benchmark", f"stage.model_path={args.model}", "stage.accuracy=false",
-                 *data_overrides(args))
+                 *data_overrides(args), *args.latency_overrides)
 
 
 def make_pairs(path: Path, n: int, data_dir: Path) -> Path:
@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/nlpwf_quantize_bench"))
     parser.add_argument("--pairs", type=int, default=100_000)
     parser.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
+    parser.add_argument("--latency-overrides", nargs="*", default=[],
+                        help="extra overrides for the latency job, e.g. 'stage.backends=[fp32,bf16,inc_static]'")
     parser.add_argument("--steps", nargs="*", default=["quantize", "latency", "predict"], choices=["quantize", "latency", "predict"])
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
