@@ -202,7 +202,19 @@ def test_a_missing_cluster_that_may_not_be_created_fails_the_batch_without_submi
     assert [r.method for r in transport.requests] == ["GET"]
 
 
-def test_ctrl_c_stops_watching_promptly_and_leaves_the_jobs_running(dry_run, tmp_path, capsys):
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own SIGINT handler for the test. A shell starts background jobs with SIGINT
+    ignored, and Python then installs none, so an inherited disposition would swallow the
+    test's Ctrl-C and leave it waiting forever."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_stops_watching_promptly_and_leaves_the_jobs_running(dry_run, tmp_path, capsys, python_ctrl_c):
     import os
     import signal
     import threading
