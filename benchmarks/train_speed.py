@@ -115,12 +115,9 @@ def make_turns_callback(conn, turn_s: float, budget_s: float, target: float | No
             self.resumed = time.perf_counter()
             return reply
 
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            model.register_forward_pre_hook(lambda m, a, kw: self._batch(perf.batch_shape(m, kw)), with_kwargs=True)
-
-        def _batch(self, shape):
-            if shape is not None:
-                self.batches.append(shape)
+        def record(self, inputs):
+            if inputs.get("attention_mask") is not None:
+                self.batches.append(perf.mask_shape(inputs["attention_mask"]))
 
         def on_step_end(self, args, state, control, **kwargs):
             now = self.clock()
@@ -165,6 +162,15 @@ def worker(conn, overrides: list[str], job_dir: str, turn_s: float, budget_s: fl
             cfg = compose("config", overrides=overrides)
         turns = make_turns_callback(conn, turn_s, budget_s, target, stop_at_target, count_setup)
         perf.CALLBACKS.append(turns)
+        # Batches are recorded where Trainer hands them to the model, outside any region
+        # torch.compile captures (a forward hook there would break its graph every step).
+        step = transformers.Trainer.training_step
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            turns.record(inputs)
+            return step(self, model, inputs, *args, **kwargs)
+
+        transformers.Trainer.training_step = training_step
         conn.send(("ready",))
         conn.recv()
         turns.resumed = time.perf_counter()  # own time starts with the first turn: setup counts

@@ -261,12 +261,16 @@ class Recorder(TrainerCallback):
 
 
 def batch_shape(module, kwargs) -> tuple[int, int, int, int, int, int] | None:
-    """(batch, padded length, longest, shortest, sum of lengths, sum of squared lengths) of a
-    training forward's input, from its attention mask; None in eval. Squared lengths give the
-    attention FLOPs."""
+    """The shape of a training forward's input (see `mask_shape`); None in eval."""
     mask = kwargs.get("attention_mask")
     if not module.training or mask is None:
         return None
+    return mask_shape(mask)
+
+
+def mask_shape(mask) -> tuple[int, int, int, int, int, int]:
+    """(batch, padded length, longest, shortest, sum of lengths, sum of squared lengths) of a
+    batch, from its attention mask. Squared lengths give the attention FLOPs."""
     lengths = mask.sum(dim=1)
     return (mask.shape[0], mask.shape[1], int(lengths.max()), int(lengths.min()),
             int(lengths.sum()), int((lengths * lengths).sum()))

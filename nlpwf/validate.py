@@ -4,8 +4,9 @@
   OmegaConf (the config is untyped) nor TrainingArguments (it accepts any value) objects; the
   run would fail much later inside torch. Checked here against nlpwf's numeric keys and the
   type annotations of TrainingArguments.
-- Output dirs: Hydra creates the job dir before nlpwf runs and reports a file in the way or a
-  read-only disk as a traceback. OutputDirCheck, a Hydra callback (conf/config.yaml), looks first.
+- Before Hydra writes anything (StartCheck, a Hydra callback in conf/config.yaml): the output dir
+  (Hydra would report a file in the way or a read-only disk as a traceback), and secrets typed
+  as overrides (Hydra would save them in the job dir and its launchers log them).
 - Storage errors during a run (disk full, read-only): `storage_problem` words them.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import difflib
 import errno
 import os
+import re
 import shutil
 import sys
 import types
@@ -123,20 +125,45 @@ def output_dir_problem(path: str | Path) -> str | None:
     return None
 
 
-class OutputDirCheck(Callback):
-    """Hydra callback: check the run or sweep dir before Hydra creates it."""
+# Keys whose values are credentials: ...password, ...secret, ...api_key, ...hub_token. Not
+# pad_token_id or tokenizer: "token" counts only alone or after a word that makes it a credential.
+_SECRET_KEY = re.compile(r"(^|_)(password|passwd|secret|credentials?|api_?key|access_?key|account_?key|connection_?string)$"
+                         r"|(^|_)(hub|auth|access|api|bearer|sas|refresh)_token$|^token$")
 
-    def _check(self, key: str, path) -> None:
+
+def secret_override(overrides) -> str | None:
+    """The key of the first override that sets a credential, or None."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if _SECRET_KEY.search(key.rsplit(".", 1)[-1].lower()):
+            return key
+    return None
+
+
+class StartCheck(Callback):
+    """Hydra callback, run before Hydra creates the run or sweep dir or logs any override."""
+
+    def _fail(self, message: str) -> None:
+        print(f"nlpwf: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(UserError.exit_code)
+
+    def _check(self, key: str, config: DictConfig) -> None:
+        secret = secret_override(config.hydra.overrides.task)
+        if secret:
+            # Overrides are saved in the job dir, logged by launchers, sent as Azure ML job tags
+            # and tracking-run tags: a credential must come from the environment instead.
+            self._fail(f"{secret} looks like a credential, and command-line overrides are saved, logged and sent "
+                       f"as job tags: remove it and set it in the environment (e.g. HF_TOKEN, WANDB_API_KEY)")
+        path = OmegaConf.select(config, key)
         problem = output_dir_problem(str(path))
         if problem:
-            print(f"nlpwf: error: {key}={path}: {problem}: set {key} to a writable folder", file=sys.stderr, flush=True)
-            sys.exit(UserError.exit_code)
+            self._fail(f"{key}={path}: {problem}: set {key} to a writable folder")
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._check("hydra.run.dir", config.hydra.run.dir)
+        self._check("hydra.run.dir", config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._check("hydra.sweep.dir", config.hydra.sweep.dir)
+        self._check("hydra.sweep.dir", config)
 
 
 _STORAGE_TEXT = ("No space left on device", "file write failed", "os error 28", "Disk quota exceeded", "Read-only file system")

