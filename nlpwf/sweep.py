@@ -22,12 +22,25 @@ def row(run: JobReturn) -> dict:
     out = {
         "job": run.hydra_cfg.hydra.job.num if run.hydra_cfg else "",
         "overrides": " ".join(run.overrides or []),
-        "status": run.status.name,
+        "status": status(run, metrics),
     }
     out.update({k: metrics.get(k, "") for k in METRIC_COLUMNS})
     out["error"] = str(run._return_value) if run.status == JobStatus.FAILED else ""
     out["job_dir"] = str(job_dir or "")
     return out
+
+
+def status(run: JobReturn, metrics: dict) -> str:
+    """Hydra's status, except where the task ended without training: an Azure ML dry run, or a
+    job submitted without waiting for it (it may still fail in Azure)."""
+    if run.status != JobStatus.COMPLETED or metrics or not run.hydra_cfg:
+        return run.status.name
+    launcher = run.hydra_cfg.hydra.get("launcher") or {}
+    if launcher.get("dry_run"):
+        return "DRY_RUN"
+    if "dry_run" in launcher and not launcher.get("emulate") and not launcher.get("wait"):  # the Azure ML launcher
+        return "SUBMITTED"
+    return run.status.name
 
 
 class Summary:

@@ -1,6 +1,7 @@
 """The Azure ML job nlpwf builds: its YAML (dry run) and the exact REST request the SDK sends."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def test_dry_run_job_yaml_loads_with_the_layout(dry_run):
     assert "torchrun" not in job.command and "--config-name=nlpwf_job" in job.command
     assert Path(job.environment.build.path, "Dockerfile").is_file()
     assert job._validate().passed
+    rows = list(csv.DictReader((dry_run.parent / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["DRY_RUN"] and rows[0]["eval_accuracy"] == ""
 
 
 def test_dry_run_snapshot_has_the_resolved_config_and_no_workspace_values(dry_run):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from conftest import TINY, run_cli
 
 
@@ -40,3 +42,22 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     best = (sweep / "optimization_results.yaml").read_text()
     assert "best_value" in best and "training.learning_rate" in best
     assert max(float(r["eval_accuracy"]) for r in rows) == float(best.split("best_value:")[1].split()[0])
+
+
+@pytest.mark.parametrize("launcher,expected", [
+    ({"dry_run": True, "emulate": False, "wait": False}, "DRY_RUN"),
+    ({"dry_run": False, "emulate": False, "wait": False}, "SUBMITTED"),
+    ({"dry_run": False, "emulate": True, "wait": False}, "COMPLETED"),
+    ({}, "COMPLETED"),  # the local launcher's settings
+])
+def test_summary_status_says_when_a_job_did_not_train_here(tmp_path, launcher, expected):
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from nlpwf import sweep
+
+    cfg = OmegaConf.create({"hydra": {"launcher": launcher, "runtime": {"output_dir": str(tmp_path)}, "job": {"num": 0}}})
+    run = JobReturn(overrides=["nodes=2"], status=JobStatus.COMPLETED, hydra_cfg=cfg)
+    assert sweep.row(run)["status"] == expected
+    (tmp_path / "metrics.json").write_text('{"eval_accuracy": 0.8}')  # results came back: trained
+    assert sweep.row(run)["status"] == "COMPLETED"
