@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -114,6 +116,50 @@ class CheckpointCallback(TrainerCallback):
             rotate_checkpoints(str(args.output_dir), save_total_limit=self.keep,
                                best_model_checkpoint=state.best_model_checkpoint)
         return control
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class StopOnSigterm(TrainerCallback):
+    """SIGTERM (a scheduler, an Azure ML low-priority preemption, a time limit) ends training at
+    the next step end with a complete checkpoint, instead of losing every step since the last.
+    All ranks must stop at the same step, and a signal may reach only some of them, so in a
+    distributed job they agree each step (one all-reduce of a single int). transformers' own
+    `enable_jit_checkpoint` saves outside the on_save event, so its checkpoint would never be
+    marked complete; this one goes through Trainer's normal save."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous = None
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _any_rank(self.requested):
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def _discard_incomplete(folder: Path) -> None:

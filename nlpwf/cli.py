@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from nlpwf import CONF_DIR, console, distributed, outputs, stages
-from nlpwf.errors import JobFailed, UserError
+from nlpwf.errors import Interrupted, JobFailed, UserError
 
 log = logging.getLogger("nlpwf")
 
@@ -57,8 +57,10 @@ def run_local_workers(cfg: DictConfig, job_dir: Path) -> dict:
     if code != 0:
         from nlpwf import checkpoints, faults
 
-        raise JobFailed(f"a worker process {distributed.describe_exit(code)} (the 'rank N' lines above say which and why); "
-                        f"{faults.resume_hint(job_dir / checkpoints.CHECKPOINT_DIR, job_dir)}")
+        hint = faults.resume_hint(job_dir / checkpoints.CHECKPOINT_DIR, job_dir)
+        if code == Interrupted.exit_code:
+            raise Interrupted(f"training stopped by SIGTERM; {hint}")
+        raise JobFailed(f"a worker process {distributed.describe_exit(code)} (the 'rank N' lines above say which and why); {hint}")
     metrics = outputs.read_metrics(job_dir)
     if metrics is None:
         raise RuntimeError(f"the workers finished but rank 0 wrote no {outputs.METRICS_FILE} in {job_dir}")

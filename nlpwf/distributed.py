@@ -7,6 +7,7 @@ not is either a single-process run or the parent that starts the workers (`run_w
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from nlpwf.errors import PeerLost
+from nlpwf.errors import Interrupted, PeerLost
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +162,17 @@ def run_workers(
     log.info("started %d worker processes (%d node(s) x %d), %d thread(s) each", world, nodes, processes_per_node, threads)
     failed: tuple[int, int] | None = None
     try:
-        while any(p.poll() is None for p in procs):
-            ended = [(rank, p.returncode) for rank, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if ended and failed is None:
-                # Ranks that merely lost a peer (PeerLost) are a symptom: name the cause when it has ended too.
-                failed = next((e for e in ended if e[1] != PeerLost.exit_code), ended[0])
-                log.error("rank %d %s; stopping the other ranks", failed[0], describe_exit(failed[1]))
-                _stop(procs, grace_s)
-            time.sleep(0.2)
+        with _forwarding_sigterm(procs) as terminating:
+            while any(p.poll() is None for p in procs):
+                ended = [(rank, p.returncode) for rank, p in enumerate(procs) if p.poll() not in (None, 0)]
+                # Ranks that stopped on SIGTERM are not failures: the others stop at the same step, let them finish.
+                stopping = terminating.is_set() or all(c == Interrupted.exit_code for _, c in ended)
+                if ended and failed is None and not stopping:
+                    # Ranks that merely lost a peer (PeerLost) are a symptom: name the cause when it has ended too.
+                    failed = next((e for e in ended if e[1] != PeerLost.exit_code), ended[0])
+                    log.error("rank %d %s; stopping the other ranks", failed[0], describe_exit(failed[1]))
+                    _stop(procs, grace_s)
+                time.sleep(0.2)
     except KeyboardInterrupt:
         _stop(procs, grace_s)
         raise
@@ -180,9 +184,31 @@ def run_workers(
     return 0 if failed is None else failed[1]
 
 
+@contextlib.contextmanager
+def _forwarding_sigterm(procs: list[subprocess.Popen]):
+    """SIGTERM to this process goes on to every rank, which checkpoints and exits (train.py).
+    The event it yields tells the wait loop that ranks now end on purpose."""
+    asked = threading.Event()
+
+    def forward(signum, frame):
+        asked.set()
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield asked
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         return f"was killed by {signal.Signals(-code).name}"
+    if code == Interrupted.exit_code:
+        return f"exited with code {code} (it stopped on SIGTERM after a checkpoint)"
     if code == PeerLost.exit_code:
         return f"exited with code {code} (it lost contact with another rank)"
     return f"exited with code {code}"

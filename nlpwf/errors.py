@@ -19,3 +19,11 @@ class PeerLost(JobFailed):
     launcher can tell the rank that failed from the ranks that merely noticed."""
 
     exit_code = 75  # EX_TEMPFAIL: running again (with training.resume=auto) can succeed
+
+
+class Interrupted(JobFailed):
+    """Training was asked to end (SIGTERM: a scheduler, a preemption, a time limit) and stopped
+    after writing a complete checkpoint. The shell's code for a SIGTERM death, so schedulers
+    read it as one."""
+
+    exit_code = 143

@@ -16,7 +16,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, se
 
 from nlpwf import data, distributed, metrics, models, outputs, perf
 from nlpwf import checkpoints, faults, plots, progress, tracking, validate
-from nlpwf.errors import UserError
+from nlpwf.errors import Interrupted, UserError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ def training_arguments(cfg: DictConfig, job_dir: Path) -> TrainingArguments:
         bf16=cfg.precision.name == "bf16",
         report_to=tracking.report_to(cfg.logger),
     )
+    if kwargs.get("enable_jit_checkpoint"):
+        raise UserError("training.enable_jit_checkpoint: nlpwf already checkpoints on SIGTERM (a checkpoint marked "
+                        "complete, which training.resume=auto can use; transformers' would not be): remove the key")
     unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(TrainingArguments)})
     if unknown:
         name = unknown[0]
@@ -103,6 +106,7 @@ def run(cfg: DictConfig, job_dir: Path) -> dict | None:
 
     args = training_arguments(cfg, job_dir)
     set_seed(args.seed)  # before the model, so a random-init or a new classifier head is reproducible
+    sigterm = checkpoints.StopOnSigterm()
     trainer = Trainer(
         model=models.load_model(cfg.model),
         args=args,
@@ -111,7 +115,7 @@ def run(cfg: DictConfig, job_dir: Path) -> dict | None:
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.dataset.get("pad_to_multiple_of")),
         compute_metrics=metrics.from_eval_prediction,
-        callbacks=[checkpoints.CheckpointCallback(cfg.training.get("save_total_limit"))],
+        callbacks=[checkpoints.CheckpointCallback(cfg.training.get("save_total_limit")), sigterm],
     )
     resume = checkpoints.resume_point(cfg.training.get("resume"), Path(args.output_dir), rank.is_main)
     progress.install(trainer)  # line-based progress in log files
@@ -122,6 +126,9 @@ def run(cfg: DictConfig, job_dir: Path) -> dict | None:
              cfg.precision.name, threads)
     with faults.peer_loss(rank, Path(args.output_dir), job_dir):  # a lost rank: one line, not a gloo stack
         train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
+    if sigterm.stopped_at is not None:  # not the end of training: nothing is evaluated or published
+        raise Interrupted(f"training stopped by SIGTERM at step {sigterm.stopped_at} of {trainer.state.max_steps}; "
+                          f"{faults.resume_hint(Path(args.output_dir), job_dir)}")
     eval_metrics = _final_eval(trainer)
 
     digests = distributed.parameter_digests(trainer.model)

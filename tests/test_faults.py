@@ -129,3 +129,57 @@ def test_same_seed_and_config_give_the_same_loss_trace(uninterrupted, tmp_path):
     first, second = loss_trace(uninterrupted), loss_trace(job)
     assert len(first) == 20 and first == second  # bit for bit, every logged step
     assert metrics(uninterrupted)["parameter_digests"] == metrics(job)["parameter_digests"]
+
+
+# --- SIGTERM: a scheduler or a preemption asks the job to end ----------------------------------
+
+def _stopped_cleanly(proc, log, job, world_size: int) -> int:
+    """The run exited 143 with one line naming the step and the checkpoint; that checkpoint is
+    complete and at the step named; nothing was evaluated or published. Returns the step."""
+    out = log.read_text()
+    assert proc.returncode == 143, (proc.returncode, out[-3000:])
+    errors = [line for line in out.splitlines() if line.startswith("nlpwf: error:")]  # not the ranks' own
+    assert len(errors) == 1 and "training stopped by SIGTERM" in errors[0] and "Traceback" not in out, out[-3000:]
+    newest = checkpoints.newest_complete(job / "checkpoints")
+    assert f"newest complete checkpoint: {newest}; continue with training.resume=auto" in errors[0]
+    _assert_loadable(newest, world_size)
+    assert not (job / "metrics.json").exists() and not (job / "model").exists()
+    return checkpoints.step_of(newest)
+
+
+def test_sigterm_stops_at_a_complete_checkpoint_and_the_run_resumes_to_the_same_result(uninterrupted, tmp_path):
+    job, log = tmp_path / "job", tmp_path / "term.log"
+    # save_steps=1000: the only checkpoints are the epoch end (step 10) and the one SIGTERM asks for
+    proc = start_cli(*RESUMABLE, "training.save_steps=1000", f"hydra.run.dir={job}", log=log)
+    wait_for(lambda: "'loss'" in log.read_text(), proc, timeout=300)  # training is under way
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    step = _stopped_cleanly(proc, log, job, world_size=1)
+    assert f"training stopped by SIGTERM at step {step} of 20" in log.read_text()
+    assert step < 20
+
+    resumed = run_cli(*RESUMABLE, "training.save_steps=1000", "training.resume=auto", f"hydra.run.dir={job}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = metrics(uninterrupted), metrics(job)
+    assert abs(a["eval_loss"] - b["eval_loss"]) <= 1e-6 and a["eval_accuracy"] == b["eval_accuracy"]
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    """Azure ML or a scheduler may signal one process only: the ranks agree, checkpoint together
+    and exit; the launcher reports a stop, not a failure."""
+    job, log = tmp_path / "job", tmp_path / "term.log"
+    proc = start_cli(*DDP, "training.save_steps=1000", f"hydra.run.dir={job}", log=log)
+    wait_for(lambda: "'loss'" in log.read_text(), proc, timeout=300)
+    ranks = _ranks(proc)
+    ranks[1].send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    step = _stopped_cleanly(proc, log, job, world_size=2)
+    out = log.read_text()
+    assert out.count(f"training stopped by SIGTERM at step {step} of 10") == 2  # rank 0 and rank 1, same step
+    assert "stopping the other ranks" not in out
+    assert not any(psutil.pid_exists(p.pid) for p in ranks.values())
+
+
+def test_jit_checkpoint_of_transformers_is_refused_with_the_reason(tmp_path):
+    proc = run_cli(*RESUMABLE, "+training.enable_jit_checkpoint=true", f"hydra.run.dir={tmp_path / 'job'}")
+    assert proc.returncode == 2 and "nlpwf already checkpoints on SIGTERM" in proc.stderr
