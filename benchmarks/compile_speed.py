@@ -1,6 +1,6 @@
 """Does `training.torch_compile=true` pay on this machine? minilm_l6, eager against compiled, in one run.
 
-    python benchmarks/compile_speed.py            # about 15 minutes on 2 cores
+    python benchmarks/compile_speed.py            # about 20 minutes on 2 cores
     python benchmarks/compile_speed.py --quick    # a smoke run
 
 Four workers train `experiment=mrpc_minilm` (fp32 and bf16, each eager and compiled) through
