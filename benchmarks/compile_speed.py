@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if not (args.data / "train.tsv").is_file():
         sys.exit(f"{args.data} has no train.tsv: pass --data DIR (a GLUE MRPC folder)")
-    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    os.environ.update(ts.OFFLINE_ENV)
     res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": ts.machine(), "threads": args.threads,
            "command": "python benchmarks/compile_speed.py" + (" --quick" if args.quick else ""), "warmup": args.warmup,
            "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg())}

@@ -55,6 +55,8 @@ FAST = ["experiment=mrpc_minilm"]  # the seed's optimiser settings with dynamic 
 VARIANTS = {"seed": SEED + ["precision=fp32"], "fast-fp32": FAST + ["precision=fp32"], "fast-bf16": FAST + ["precision=bf16"]}
 DTYPE = {"seed": "fp32", "fast-fp32": "fp32", "fast-bf16": "bf16"}
 ACCURACY_VARIANTS = ("seed", "fast-bf16")  # the recipes compared on MRPC dev accuracy
+# Workers inherit it: nothing may reach for the Hub, and the tokenizer must not start its own threads.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 WARMUP_STEPS = 3  # first steps pay for allocation and oneDNN kernel selection (1 with --quick)
 
 
@@ -604,7 +606,7 @@ def main(argv=None) -> None:
         return
     if not (args.data / "train.tsv").is_file():
         sys.exit(f"{args.data} has no train.tsv: pass --data DIR (a GLUE MRPC folder)")
-    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    os.environ.update(OFFLINE_ENV)
     import torch
 
     torch.set_num_threads(args.threads)
