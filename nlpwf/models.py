@@ -1,5 +1,10 @@
-"""Where a model's tokenizer and weights come from: a Python package that ships them
-(`package:NAME`, whose `get_model_path()` gives the folder), a local folder, or a Hub id."""
+"""The one place models and tokenizers are loaded from.
+
+A training job names its model by `model.source`: a Python package that ships the weights
+(`package:NAME`, whose `get_model_path()` gives the folder), a local folder, or a Hub id (the
+local cache is tried before the network). The serving stages name a saved job's folder by
+`stage.model_path`: the `model/` of a training job or the `model_int8/` of a quantize job.
+"""
 from __future__ import annotations
 
 import importlib
@@ -8,10 +13,15 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
-from nlpwf import hub
 from nlpwf.errors import UserError
+from nlpwf.runtime import network
 
 PACKAGE_PREFIX = "package:"
+# Files transformers' save_pretrained writes; one of the weight files must be there too.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+# Written by nlpwf's quantize stage into an INT8 folder (inference.int8): backend and origin.
+QUANTIZED_MANIFEST = "nlpwf_quantized.json"
+SAVED_MODEL_FIX = "point stage.model_path at a training job's model/ folder"
 
 
 def resolve_source(source: str) -> tuple[str, bool]:
@@ -30,19 +40,24 @@ def resolve_source(source: str) -> tuple[str, bool]:
     return source, True
 
 
-def _from_pretrained(loader, source: str, what: str, **kwargs):
+def _from_folder(loader, path: str, what: str, fix: str, **kwargs):
+    try:
+        return loader(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path} does not hold a loadable {what} ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}): {fix}") from e
+
+
+def _from_source(loader, source: str, what: str, **kwargs):
     path, from_hub = resolve_source(source)
     if not from_hub:
-        try:
-            return loader(path, local_files_only=True, **kwargs)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path} does not hold a saved {what} ({e.__class__.__name__}): point model.source at a save_pretrained folder") from e
+        return _from_folder(loader, path, what, "point model.source at a save_pretrained folder", **kwargs)
     # A Hub model may already be in the local cache; only go to the network if it is not.
     try:
         return loader(path, local_files_only=True, **kwargs)
     except OSError:
         pass
-    if not hub.reachable():
+    if not network.hub_reachable():
         raise UserError(
             f"the Hugging Face Hub is unreachable (offline) and {path} is not cached: "
             f"use model=minilm_l6 (ships with pip), or set model.source=DIR to a saved model"
@@ -50,20 +65,58 @@ def _from_pretrained(loader, source: str, what: str, **kwargs):
     return loader(path, **kwargs)
 
 
+# ---- a model to train, from the `model` config group ---------------------------------------
+
 def max_positions(cfg: DictConfig) -> int:
     """The longest sequence the model can take, known before any weights are loaded."""
     if cfg.random_init:
         return int(cfg.config.get("max_position_embeddings", 512))
-    config = _from_pretrained(AutoConfig.from_pretrained, cfg.source, "model config")
+    config = _from_source(AutoConfig.from_pretrained, cfg.source, "model config")
     return int(config.max_position_embeddings)
 
 
 def load_tokenizer(cfg: DictConfig):
-    return _from_pretrained(AutoTokenizer.from_pretrained, cfg.tokenizer, "tokenizer")
+    return _from_source(AutoTokenizer.from_pretrained, cfg.tokenizer, "tokenizer")
 
 
 def load_model(cfg: DictConfig, num_labels: int = 2):
     if cfg.random_init:
         config = BertConfig(num_labels=num_labels, **OmegaConf.to_container(cfg.config))
         return AutoModelForSequenceClassification.from_config(config)
-    return _from_pretrained(AutoModelForSequenceClassification.from_pretrained, cfg.source, "model", num_labels=num_labels)
+    return _from_source(AutoModelForSequenceClassification.from_pretrained, cfg.source, "model", num_labels=num_labels)
+
+
+# ---- a saved job's model, named by `stage.model_path` ---------------------------------------
+
+def is_quantized(folder: Path) -> bool:
+    return (Path(folder) / QUANTIZED_MANIFEST).is_file()
+
+
+def saved_model_dir(path: str | None, stage: str) -> Path:
+    """The folder `stage.model_path` names, checked to be a saved model (fp32 or INT8)."""
+    if not path:
+        raise UserError(
+            f"stage={stage} needs stage.model_path=DIR: the model/ folder of a training job "
+            f"(e.g. outputs/DATE/TIME/model) or the model_int8/ folder of a quantize job"
+        )
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"stage.model_path={path} is not a directory: {SAVED_MODEL_FIX}")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"stage.model_path={path} is not a saved model (no config.json): {SAVED_MODEL_FIX}")
+    if not is_quantized(folder) and not any((folder / f).is_file() for f in WEIGHT_FILES):
+        raise UserError(f"stage.model_path={path} has no weights ({' or '.join(WEIGHT_FILES[:2])}): {SAVED_MODEL_FIX}")
+    return folder
+
+
+def load_saved_tokenizer(folder: Path):
+    return _from_folder(AutoTokenizer.from_pretrained, str(folder), "tokenizer",
+                        "use a model/ folder saved by a training job, which includes it")
+
+
+def load_saved_config(folder: Path):
+    return _from_folder(AutoConfig.from_pretrained, str(folder), "model config", SAVED_MODEL_FIX)
+
+
+def load_saved_model(folder: Path):
+    return _from_folder(AutoModelForSequenceClassification.from_pretrained, str(folder), "model", SAVED_MODEL_FIX)

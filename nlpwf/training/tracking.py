@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from nlpwf import outputs
+from nlpwf.results import files
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Tracker:
             self._start_mlflow(cfg.logger.mlflow, known.get("mlflow"))
         if cfg.logger.get("wandb") is not None:
             self._start_wandb(cfg.logger.wandb, known.get("wandb"))
-        outputs.write_json(self.job_dir / RUNS_FILE, {k: v for k, v in self.run_ids().items() if v})
+        files.write_json(self.job_dir / RUNS_FILE, {k: v for k, v in self.run_ids().items() if v})
         atexit.register(self._abort)  # after mlflow's own hook, so this one runs first
 
     def _known_runs(self) -> dict:
@@ -138,10 +138,10 @@ class Tracker:
         self.wandb = wandb
         log.info("wandb: run %s (%s)", wandb.run.id, mode)
 
-    def finish(self, result: dict, files: list[Path]) -> None:
+    def finish(self, result: dict, paths: list[Path]) -> None:
         """Final metrics and the job's files into each run, then close them."""
         numbers = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        present = [Path(f) for f in files if f and Path(f).is_file()]
+        present = [Path(f) for f in paths if f and Path(f).is_file()]
         if self.mlflow:
             self.mlflow.log_metrics({f"final/{k}": v for k, v in numbers.items()})
             for f in present:

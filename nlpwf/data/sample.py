@@ -6,7 +6,7 @@ changes one detail (a number, a day, who won); an easy negative pairs unrelated 
 The files are written the way GLUE writes MRPC (tab separated, no quoting, a byte-order
 mark, the `Quality` column first), so the quickstart exercises the same reader as real MRPC.
 
-Regenerate with `python -m nlpwf.sample_data` (deterministic for a given seed).
+Regenerate with `python -m nlpwf.data.sample` (deterministic for a given seed).
 """
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
-"""The table at the end of a --multirun: one row per job, overrides then metrics."""
+"""The sweep summary: summary.csv, a table and a plot at the end of each batch of a --multirun,
+one row per job, overrides then metrics. Both of nlpwf's launchers write it."""
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Iterable
 
 from hydra.core.utils import JobReturn, JobStatus
 
-from nlpwf import outputs
+from nlpwf.results import files, plots
 
 log = logging.getLogger(__name__)
 
@@ -18,13 +18,15 @@ METRIC_COLUMNS = ["eval_accuracy", "eval_f1", "eval_loss", "train_loss", "train_
 
 def row(run: JobReturn) -> dict:
     job_dir = Path(run.hydra_cfg.hydra.runtime.output_dir) if run.hydra_cfg else None
-    metrics = (outputs.read_metrics(job_dir) if job_dir else None) or {}
+    metrics = (files.read_metrics(job_dir) if job_dir else None) or {}
     out = {
         "job": run.hydra_cfg.hydra.job.num if run.hydra_cfg else "",
         "overrides": " ".join(run.overrides or []),
         "status": status(run, metrics),
     }
     out.update({k: metrics.get(k, "") for k in METRIC_COLUMNS})
+    # A failed job's exception: JobReturn.return_value re-raises it (and writes to stderr), so the
+    # stored value is read directly; Hydra has no public accessor that only returns it.
     out["error"] = str(run._return_value) if run.status == JobStatus.FAILED else ""
     out["job_dir"] = str(job_dir or "")
     return out
@@ -54,14 +56,7 @@ class Summary:
     def add(self, runs: Iterable[JobReturn]) -> None:
         self.rows.extend(row(r) for r in runs)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(self.path)
-        from nlpwf import plots
-
+        files.write_csv(self.path, self.rows, list(self.rows[0]))
         plots.sweep(self.rows, self.objective, self.path.parent / plots.SWEEP_PLOT)
         log.info("sweep summary (%s):\n%s", self.path, self.table())
 

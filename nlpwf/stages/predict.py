@@ -13,7 +13,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from nlpwf import inference, outputs, pairfiles
+from nlpwf.inference import pairfiles
+from nlpwf.inference.load import load_classifier
+from nlpwf.results import files
+from nlpwf.stages.serving import serving_threads
 from nlpwf.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -33,10 +36,10 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
         raise UserError("stage=predict needs stage.input=FILE: a .tsv, .csv or .jsonl file of sentence pairs")
     if stage.batch_size < 1:
         raise UserError(f"stage.batch_size={stage.batch_size}: use 1 or more")
-    threads = inference.set_threads(cfg)
+    threads = serving_threads(cfg)
     # Open the input first: a wrong file fails before the model is loaded.
     with pairfiles.PairReader(stage.input, stage.sentence1_column, stage.sentence2_column, chunk_rows=stage.chunk_rows) as reader:
-        classifier = inference.load_classifier(stage.model_path, "predict", stage.max_length, cfg.precision.name, stage.compile)
+        classifier = load_classifier(stage.model_path, "predict", stage.max_length, cfg.precision.name, stage.compile)
         target = output_path(cfg, job_dir, reader.path)
         if pairfiles.file_format(target) != reader.format:
             raise UserError(f"stage.output={target} must have the input's file type ({reader.path.suffix})")
@@ -62,7 +65,7 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
         "peak_rss_mb": round(peak_rss_mb(), 1), "model": str(stage.model_path), "backend": classifier.name,
         "input": str(reader.path), "output": str(target), "chunk_rows": stage.chunk_rows, "threads": threads,
     }
-    outputs.write_json(Path(job_dir) / outputs.METRICS_FILE, result)
+    files.write_json(Path(job_dir) / files.METRICS_FILE, result)
     log.info("%d pairs in %.1f s (%.1f pairs/s, peak RSS %.0f MB) -> %s", rows, seconds, result["pairs_per_second"], result["peak_rss_mb"], target)
     return result
 

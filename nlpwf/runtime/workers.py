@@ -1,14 +1,12 @@
-"""Distributed set-up on CPU nodes.
+"""Starting a job's ranks as processes on this machine, and reading how they ended.
 
-One contract for every way a training process starts: torchrun, Azure ML's PyTorch
-distribution and nlpwf's own local launcher all set MASTER_ADDR, MASTER_PORT, WORLD_SIZE,
-RANK, LOCAL_RANK and NODE_RANK. A process that finds them joins the group; one that does
-not is either a single-process run or the parent that starts the workers (`run_workers`).
+nlpwf's local runs and the Azure ML emulator both start nodes x processes_per_node copies of
+a command here, each with the env contract of its rank (runtime.contract), stop them all when
+one fails, and turn the first failing exit code into one of nlpwf's errors.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -17,115 +15,19 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
-import psutil
-
-from nlpwf.errors import Interrupted, PeerLost
+from nlpwf.errors import Interrupted, JobFailed, PeerLost, UserError
+from nlpwf.runtime.contract import contract_env
+from nlpwf.runtime.threads import threads_per_process
 
 log = logging.getLogger(__name__)
-
-CONTRACT = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
-
-
-@dataclass(frozen=True)
-class Rank:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    node_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def from_env() -> Rank | None:
-    """The process's place in the group, or None when not started as part of one."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    return Rank(
-        rank=int(os.environ["RANK"]),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        node_rank=int(os.environ.get("NODE_RANK", 0)),
-    )
-
-
-def backend() -> str:
-    """oneCCL when its PyTorch bindings are installed (they register `ccl` on import), else gloo."""
-    for module in ("oneccl_bindings_for_pytorch", "torch_ccl"):
-        try:
-            importlib.import_module(module)
-            return "ccl"
-        except ImportError:
-            continue
-    return "gloo"
-
-
-def physical_cores() -> int:
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-
-
-def threads_per_process(configured: int | None, processes_on_node: int, cores: int | None = None) -> int:
-    """OMP threads for each process: the node's cores shared out, never oversubscribed."""
-    if configured:
-        return int(configured)
-    return max(1, (cores or physical_cores()) // max(1, processes_on_node))
-
-
-def set_threads(n: int) -> None:
-    import torch
-
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    torch.set_num_threads(n)
-
-
-def init_process_group(rank: Rank, timeout_s: float) -> str:
-    """Join the group before transformers does, so nlpwf picks the backend and the timeout
-    (accelerate reuses an initialised group; left alone it would pick gloo and 30 minutes)."""
-    import torch.distributed as dist
-
-    name = backend()
-    if not dist.is_initialized():
-        dist.init_process_group(name, rank=rank.rank, world_size=rank.world_size, timeout=timedelta(seconds=timeout_s))
-    return name
-
-
-def parameter_digests(model) -> list[str]:
-    """A hash of this rank's parameters, gathered from every rank: DDP replicas must agree."""
-    import hashlib
-
-    import torch
-    import torch.distributed as dist
-
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for p in model.parameters():
-            h.update(p.detach().float().contiguous().cpu().numpy().tobytes())
-    mine = h.hexdigest()[:16]
-    if not (dist.is_available() and dist.is_initialized()):
-        return [mine]
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return everyone
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def contract_env(rank: int, local_rank: int, node_rank: int, world_size: int, local_world_size: int,
-                 port: int, threads: int) -> dict[str, str]:
-    return {
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
-        "RANK": str(rank), "LOCAL_RANK": str(local_rank), "NODE_RANK": str(node_rank),
-        "LOCAL_WORLD_SIZE": str(local_world_size), "OMP_NUM_THREADS": str(threads),
-    }
 
 
 def _pump(stream, prefix: str, sink) -> None:
@@ -202,6 +104,17 @@ def _forwarding_sigterm(procs: list[subprocess.Popen]):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def raise_for_exit(code: int, who: str, hint: str) -> None:
+    """The one reading of a job's exit code, for local workers and emulated Azure ML jobs alike."""
+    if code == 0:
+        return
+    if code == UserError.exit_code:
+        raise UserError(f"{who} rejected the job's input (its message is above): fix it and run again")
+    if code == Interrupted.exit_code:
+        raise Interrupted(f"training stopped by SIGTERM; {hint}")
+    raise JobFailed(f"{who} {describe_exit(code)} (the 'rank N' lines above say which and why); {hint}")
 
 
 def describe_exit(code: int) -> str:

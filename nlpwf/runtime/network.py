@@ -15,7 +15,7 @@ def offline_by_env() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     if offline_by_env():
         return False
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")

@@ -11,7 +11,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from nlpwf import data, inference, metrics, outputs, pairfiles
+from nlpwf.data.splits import load_splits
+from nlpwf.inference import pairfiles
+from nlpwf.inference.classifier import Classifier
+from nlpwf.inference.load import load_classifier
+from nlpwf.results import files, metrics
+from nlpwf.stages.serving import serving_threads
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +31,11 @@ def labelled_pairs(cfg: DictConfig) -> tuple[list[str], list[str], list[int], st
                 s2 += chunk.sentence2
                 labels += chunk.labels
         return s1, s2, labels, str(reader.path)
-    split = data.load_splits(cfg.dataset)["eval"]
+    split = load_splits(cfg.dataset)["eval"]
     return split["sentence1"], split["sentence2"], split["label"], f"{cfg.dataset.name}/{cfg.dataset.eval_split}"
 
 
-def score(classifier: inference.Classifier, s1, s2, labels, batch_size: int) -> dict:
+def score(classifier: Classifier, s1, s2, labels, batch_size: int) -> dict:
     predictions, _ = classifier.predict(s1, s2, batch_size)
     result = {f"eval_{k}": v for k, v in metrics.classification(labels, predictions).items()}
     result["eval_confusion_matrix"] = metrics.confusion(labels, predictions)
@@ -39,12 +44,12 @@ def score(classifier: inference.Classifier, s1, s2, labels, batch_size: int) -> 
 
 
 def run(cfg: DictConfig, job_dir: Path) -> dict:
-    inference.set_threads(cfg)
+    serving_threads(cfg)
     s1, s2, labels, source = labelled_pairs(cfg)
-    classifier = inference.load_classifier(cfg.stage.model_path, "evaluate", cfg.stage.max_length, cfg.precision.name, cfg.stage.compile)
+    classifier = load_classifier(cfg.stage.model_path, "evaluate", cfg.stage.max_length, cfg.precision.name, cfg.stage.compile)
     result = score(classifier, s1, s2, labels, cfg.stage.batch_size)
     result.update(model=str(cfg.stage.model_path), backend=classifier.name, eval_data=source)
-    outputs.write_json(Path(job_dir) / outputs.METRICS_FILE, result)
+    files.write_json(Path(job_dir) / files.METRICS_FILE, result)
     log.info("%s on %s: accuracy %.4f, F1 %.4f, confusion %s", classifier.name, source,
              result["eval_accuracy"], result["eval_f1"], result["eval_confusion_matrix"])
     return result

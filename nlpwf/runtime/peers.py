@@ -1,4 +1,4 @@
-"""Turning a distributed failure into one line that says which rank and what to do next.
+"""A lost peer of a distributed job as one line that says which rank and what to do next.
 
 When a rank dies, its peers' next collective fails: at once if the dead process's sockets were
 closed (gloo: "Connection reset/closed by peer"), or after `training.ddp_timeout` seconds if the
@@ -9,21 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-from pathlib import Path
+from typing import Callable
 
-from nlpwf import checkpoints
-from nlpwf.distributed import Rank
 from nlpwf.errors import PeerLost
+from nlpwf.runtime.contract import Rank
 
 # What gloo and torch.distributed say when a peer is gone or silent.
 _PEER_GONE = re.compile(r"gloo|Connection (reset|closed) by peer|Timed out waiting|ProcessGroup|\b(NCCL|ccl|oneCCL)\b", re.I)
-
-
-def resume_hint(checkpoint_dir: Path, job_dir: Path) -> str:
-    newest = checkpoints.newest_complete(checkpoint_dir)
-    if newest is None:
-        return "no checkpoint was complete yet: run it again"
-    return f"newest complete checkpoint: {newest}; continue with training.resume=auto hydra.run.dir={job_dir}"
 
 
 def _others(rank: Rank) -> str:
@@ -32,8 +24,9 @@ def _others(rank: Rank) -> str:
 
 
 @contextlib.contextmanager
-def peer_loss(rank: Rank, checkpoint_dir: Path, job_dir: Path):
-    """Around the collective-heavy part of a distributed run."""
+def peer_loss(rank: Rank, next_step: Callable[[], str]):
+    """Around the collective-heavy part of a distributed run. `next_step` says what to do
+    (e.g. where to resume), asked only when a peer is lost."""
     try:
         yield
     except RuntimeError as e:
@@ -44,5 +37,5 @@ def peer_loss(rank: Rank, checkpoint_dir: Path, job_dir: Path):
         first = re.split(r"(?<=\.)\s", re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]))[0][:160]
         raise PeerLost(
             f"rank {rank.rank} {cause} {_others(rank)} (it died or stalled; its log says why) "
-            f"[{first}]; {resume_hint(checkpoint_dir, job_dir)}"
+            f"[{first}]; {next_step()}"
         ) from e

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from nlpwf.errors import UserError
+from nlpwf.results.files import AtomicFile
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl"}
 # Column names tried in order when none is configured: nlpwf's own, then GLUE's.
@@ -170,8 +169,8 @@ class AtomicWriter:
             clash = [c for c in extra if c in header]
             if clash:
                 raise UserError(f"the input already has a column {clash[0]!r}, which predict writes: rename that column")
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self._file = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        self._out = AtomicFile(self.path, newline="")
+        self._file = self._out.file
         self._csv = csv.writer(self._file) if fmt == "csv" else None
         if header is not None and fmt != "jsonl":
             self._write_row(header + extra)
@@ -191,12 +190,7 @@ class AtomicWriter:
                 self._write_row(list(row) + list(values))
 
     def commit(self) -> None:
-        self._file.close()
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(self.tmp, 0o666 & ~mask)  # mkstemp makes it private
-        os.replace(self.tmp, self.path)
+        self._out.commit()
 
     def abort(self) -> None:
-        self._file.close()
-        Path(self.tmp).unlink(missing_ok=True)
+        self._out.abort()

@@ -5,59 +5,16 @@ Every source ends as a `datasets.DatasetDict` with `train` and `eval` splits hol
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import datasets
 from omegaconf import DictConfig
 
-from nlpwf import hub
+from nlpwf.data.glue import GLUE_FILES, read_glue_tsv
 from nlpwf.errors import UserError
+from nlpwf.runtime import network
 
 SAMPLE_DIR = Path(__file__).parent / "resources"
-# Split names as the Hub names them, and the GLUE file each is read from.
-GLUE_FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
-GLUE_COLUMNS = {"label": "Quality", "sentence1": "#1 String", "sentence2": "#2 String"}
-
-
-def read_glue_tsv(path: Path) -> dict[str, list]:
-    """Read a GLUE paraphrase TSV exactly as GLUE writes it.
-
-    GLUE's files are tab separated with no quoting (MRPC has stray `"` that a CSV reader
-    would treat as quotes and silently merge rows) and start with a UTF-8 byte-order mark.
-    """
-    path = Path(path)
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows, None)
-        if not header:
-            raise UserError(f"{path} is empty: it needs a header line and at least one labelled pair")
-        missing = [c for c in GLUE_COLUMNS.values() if c not in header]
-        if missing:
-            raise UserError(
-                f"{path} has no column {', '.join(map(repr, missing))}: expected GLUE's header "
-                f"'Quality, #1 ID, #2 ID, #1 String, #2 String' (GLUE's own test.tsv is unlabelled; "
-                f"use a labelled file or dataset.eval_split=validation)"
-            )
-        index = {name: header.index(col) for name, col in GLUE_COLUMNS.items()}
-        out: dict[str, list] = {"sentence1": [], "sentence2": [], "label": []}
-        for lineno, row in enumerate(rows, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise UserError(
-                    f"{path}:{lineno}: expected {len(header)} tab-separated columns, found {len(row)}: "
-                    f"fix that line (GLUE files use tabs and no quoting)"
-                )
-            label = row[index["label"]].strip()
-            if label not in ("0", "1"):
-                raise UserError(f"{path}:{lineno}: label {label!r} is not 0 or 1: fix the Quality column")
-            out["label"].append(int(label))
-            out["sentence1"].append(row[index["sentence1"]])
-            out["sentence2"].append(row[index["sentence2"]])
-    if not out["label"]:
-        raise UserError(f"{path} has no rows: an empty split cannot be trained or evaluated on")
-    return out
 
 
 def _from_folder(data_dir: Path, split: str) -> datasets.Dataset:
@@ -71,7 +28,7 @@ def _from_folder(data_dir: Path, split: str) -> datasets.Dataset:
 
 def _from_hub(hub_id: str, hub_config: str | None, split: str) -> datasets.Dataset:
     advice = "set dataset.data_dir=DIR (a GLUE folder with train.tsv and dev.tsv) or use dataset=paraphrase_sample"
-    if not hub.reachable():
+    if not network.hub_reachable():
         raise UserError(f"the Hugging Face Hub is unreachable (offline) so {hub_id} cannot be downloaded: {advice}")
     try:
         ds = datasets.load_dataset(hub_id, hub_config, split=split)
@@ -107,17 +64,3 @@ def load_splits(cfg: DictConfig) -> datasets.DatasetDict:
         if n is not None:
             splits[name] = splits[name].select(range(min(n, len(splits[name]))))
     return datasets.DatasetDict(splits)
-
-
-def tokenize(splits: datasets.DatasetDict, tokenizer, max_length: int, pad_to_max_length: bool) -> datasets.DatasetDict:
-    """Sentence-pair encoding. Without `pad_to_max_length` each batch is padded later to
-    its own longest pair by the collator, which is most of the speed on CPU."""
-
-    def encode(batch):
-        return tokenizer(
-            batch["sentence1"], batch["sentence2"], truncation=True, max_length=max_length,
-            padding="max_length" if pad_to_max_length else False,
-        )
-
-    encoded = splits.map(encode, batched=True, remove_columns=["sentence1", "sentence2"], desc="Tokenizing")
-    return encoded.rename_column("label", "labels")

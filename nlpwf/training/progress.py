@@ -11,7 +11,7 @@ import time
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from nlpwf.console import interactive
+from nlpwf.runtime.console import interactive
 
 log = logging.getLogger("nlpwf.progress")
 

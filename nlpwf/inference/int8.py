@@ -23,12 +23,14 @@ from typing import Callable, Sequence
 
 import torch
 
+from nlpwf import models
 from nlpwf.errors import UserError
+from nlpwf.inference.classifier import PairLogits
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("inc_static", "inc_dynamic", "torch_dynamic")
-MANIFEST = "nlpwf_quantized.json"
+MANIFEST = models.QUANTIZED_MANIFEST
 TORCH_WEIGHTS = "quantized_state_dict.pt"
 INC_DIR = "inc"
 
@@ -38,10 +40,6 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise UserError(f"INT8 backend {backend!r} is unknown: use one of {', '.join(BACKENDS)}")
-
-
-def is_quantized(folder: Path) -> bool:
-    return (Path(folder) / MANIFEST).is_file()
 
 
 # ---------------------------------------------------------------- Neural Compressor (PT2E)
@@ -165,10 +163,8 @@ def quantize(model: torch.nn.Module, backend: str, calibration: Sequence[Batch])
 
 def save(qmodel, backend: str, folder: Path, example: Batch, source: Path, tokenizer, info: dict) -> None:
     """Write a quantized model to `folder` (which must exist and be empty: a staging dir)."""
-    from transformers import AutoConfig
-
     folder = Path(folder)
-    AutoConfig.from_pretrained(str(source), local_files_only=True).save_pretrained(str(folder))
+    models.load_saved_config(source).save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     if backend == "torch_dynamic":
         torch.save(qmodel.state_dict(), folder / TORCH_WEIGHTS)
@@ -199,12 +195,10 @@ def load(folder: Path, compile: bool = True) -> tuple[Callable, str]:
 
 
 def _load_torch_dynamic(folder: Path) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from nlpwf.inference import PairLogits
+    from transformers import AutoModelForSequenceClassification
 
     # The quantized modules must exist before their packed weights can be loaded into them.
-    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    config = models.load_saved_config(folder)
     skeleton = torch_dynamic(PairLogits(AutoModelForSequenceClassification.from_config(config)))
     skeleton.load_state_dict(torch.load(folder / TORCH_WEIGHTS, weights_only=False))
     return skeleton.eval()

@@ -16,15 +16,14 @@ import logging
 import os
 import re
 import shutil
-import signal
-import threading
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 
-from nlpwf import outputs
 from nlpwf.errors import UserError
+from nlpwf.results import files
+from nlpwf.runtime import collective
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +77,13 @@ def mark_complete(path: Path, step: int, world_size: int) -> None:
     """Flush the checkpoint's files to disk, then write the marker atomically (a VM that is
     preempted may lose unflushed pages; the marker must never outlive the data it vouches for)."""
     path = Path(path)
-    files = {}
+    sizes = {}
     for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MARKER):
         _fsync(f)
-        files[str(f.relative_to(path))] = f.stat().st_size
+        sizes[str(f.relative_to(path))] = f.stat().st_size
     _fsync(path)
-    outputs.write_json(path / MARKER, {"step": step, "world_size": world_size, "files": files})
+    files.write_json(path / MARKER, {"step": step, "world_size": world_size, "files": sizes})
     _fsync(path)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 class CheckpointCallback(TrainerCallback):
@@ -109,57 +101,13 @@ class CheckpointCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.last_saved = state.global_step
-        _barrier()  # every rank has written its RNG state before rank 0 vouches for the folder
+        collective.barrier()  # every rank has written its RNG state before rank 0 vouches for the folder
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             mark_complete(folder, state.global_step, args.world_size)
             rotate_checkpoints(str(args.output_dir), save_total_limit=self.keep,
                                best_model_checkpoint=state.best_model_checkpoint)
         return control
-
-
-def _any_rank(flag: bool) -> bool:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-class StopOnSigterm(TrainerCallback):
-    """SIGTERM (a scheduler, an Azure ML low-priority preemption, a time limit) ends training at
-    the next step end with a complete checkpoint, instead of losing every step since the last.
-    All ranks must stop at the same step, and a signal may reach only some of them, so in a
-    distributed job they agree each step (one all-reduce of a single int). transformers' own
-    `enable_jit_checkpoint` saves outside the on_save event, so its checkpoint would never be
-    marked complete; this one goes through Trainer's normal save."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.stopped_at: int | None = None
-        self._previous = None
-
-    def _on_signal(self, signum, frame) -> None:
-        self.requested = True
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if _any_rank(self.requested):
-            control.should_save = True
-            control.should_training_stop = True
-            self.stopped_at = state.global_step
-        return control
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
 
 
 def _discard_incomplete(folder: Path) -> None:
@@ -197,3 +145,11 @@ def resume_point(choice, folder: Path, is_main: bool) -> str | None:
         raise UserError(f"training.resume={choice} is not a complete nlpwf checkpoint (no valid {MARKER}): "
                         f"use training.resume=auto to take the newest complete one")
     return str(path)
+
+
+def resume_hint(checkpoint_dir: Path, job_dir: Path) -> str:
+    """What to do after a run ended early: where it can continue from."""
+    newest = newest_complete(checkpoint_dir)
+    if newest is None:
+        return "no checkpoint was complete yet: run it again"
+    return f"newest complete checkpoint: {newest}; continue with training.resume=auto hydra.run.dir={job_dir}"

@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from nlpwf import data, evaluate, inference, int8, outputs
+from nlpwf import models
+from nlpwf.data.splits import load_splits
+from nlpwf.inference import int8
+from nlpwf.inference.classifier import Classifier
+from nlpwf.inference.load import load_fp32
+from nlpwf.results import files
+from nlpwf.stages.evaluate import score
+from nlpwf.stages.serving import serving_threads
 from nlpwf.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -35,7 +42,7 @@ def check(stage: DictConfig) -> None:
         raise UserError(f"stage.max_trials={stage.max_trials}: use 1 or more")
 
 
-def calibration_batches(classifier: inference.Classifier, split, samples: int, batch_size: int) -> list:
+def calibration_batches(classifier: Classifier, split, samples: int, batch_size: int) -> list:
     """A seeded sample of the train split, as model inputs. Random rather than the first rows:
     files are often sorted, and the scales should see the spread of real inputs."""
     sample = split.shuffle(seed=0).select(range(min(samples, len(split))))
@@ -44,7 +51,7 @@ def calibration_batches(classifier: inference.Classifier, split, samples: int, b
 
 def weights_mb(folder: Path) -> float:
     """Size of the weight files alone (not the tokenizer or config)."""
-    names = set(inference.WEIGHT_FILES) | {int8.TORCH_WEIGHTS}
+    names = set(models.WEIGHT_FILES) | {int8.TORCH_WEIGHTS}
     files = [f for f in Path(folder).rglob("*") if f.is_file() and (f.name in names or f.parent.name == int8.INC_DIR)]
     return sum(f.stat().st_size for f in files if f.name != "qconfig.json") / 2**20
 
@@ -52,56 +59,56 @@ def weights_mb(folder: Path) -> float:
 def run(cfg: DictConfig, job_dir: Path) -> dict:
     stage = cfg.stage
     check(stage)
-    inference.set_threads(cfg)
+    serving_threads(cfg)
     job_dir = Path(job_dir)
-    source = inference.model_dir(stage.model_path, "quantize")
-    if int8.is_quantized(source):
+    source = models.saved_model_dir(stage.model_path, "quantize")
+    if models.is_quantized(source):
         raise UserError(f"stage.model_path={stage.model_path} is already INT8: point it at a training job's fp32 model/ folder")
-    fp32 = inference.Classifier(inference.load_fp32(source), inference.load_tokenizer(source), stage.max_length)
-    splits = data.load_splits(cfg.dataset)
+    fp32 = Classifier(load_fp32(source), models.load_saved_tokenizer(source), stage.max_length)
+    splits = load_splits(cfg.dataset)
     pairs = splits["eval"]["sentence1"], splits["eval"]["sentence2"], splits["eval"]["label"]
-    baseline = evaluate.score(fp32, *pairs, stage.batch_size)
+    baseline = score(fp32, *pairs, stage.batch_size)
     calibration = calibration_batches(fp32, splits["train"], stage.calibration_samples, stage.batch_size)
 
     start = time.perf_counter()
     qmodel = _quantize(stage, fp32, calibration, pairs, baseline["eval_accuracy"])
     seconds = time.perf_counter() - start
 
-    staged = outputs.staging_dir(job_dir / INT8_DIR)
+    staged = files.staging_dir(job_dir / INT8_DIR)
     try:
         int8.save(qmodel, stage.backend, staged, calibration[0], source, fp32.tokenizer,
                   {"calibration_samples": stage.calibration_samples, "tuned": bool(stage.tune)})
         # Score what was written, not what is in memory: the published folder is what serves.
         forward, _ = int8.load(staged, compile=False)
-        quantized = evaluate.score(inference.Classifier(forward, fp32.tokenizer, stage.max_length), *pairs, stage.batch_size)
+        quantized = score(Classifier(forward, fp32.tokenizer, stage.max_length), *pairs, stage.batch_size)
     except BaseException:
-        _remove(staged)
+        files.remove_dir(staged)
         raise
     result = _result(stage, baseline, quantized, seconds, source, staged)
-    outputs.write_json(job_dir / outputs.METRICS_FILE, result)
+    files.write_json(job_dir / files.METRICS_FILE, result)
     if result["accuracy_loss_points"] > stage.tolerance:
-        _remove(staged)
+        files.remove_dir(staged)
         advice = ("try stage.backend=inc_static stage.tune=true, or raise stage.tolerance" if stage.backend == "torch_dynamic"
                   else "try stage.tune=true, more stage.calibration_samples, or stage.backend=torch_dynamic")
         raise UserError(
             f"{stage.backend} INT8 lost {result['accuracy_loss_points']:.2f} accuracy points (more than "
             f"stage.tolerance={stage.tolerance}); not published (metrics.json has the numbers): {advice}"
         )
-    outputs.publish_dir(staged, job_dir / INT8_DIR)
+    files.publish_dir(staged, job_dir / INT8_DIR)
     log.info("%s INT8: accuracy %.4f (fp32 %.4f), %.1f MB -> %.1f MB, in %s", stage.backend, result["eval_accuracy"],
              result["fp32_accuracy"], result["fp32_size_mb"], result["int8_size_mb"], job_dir / INT8_DIR)
     return result
 
 
-def _quantize(stage: DictConfig, fp32: inference.Classifier, calibration: list, pairs, baseline_accuracy: float):
+def _quantize(stage: DictConfig, fp32: Classifier, calibration: list, pairs, baseline_accuracy: float):
     model = fp32.forward
     if not stage.tune:
         return int8.quantize(model, stage.backend, calibration)
     s1, s2, labels = pairs
 
     def accuracy(candidate) -> float:
-        classifier = inference.Classifier(candidate, fp32.tokenizer, stage.max_length)
-        return evaluate.score(classifier, s1, s2, labels, stage.batch_size)["eval_accuracy"]
+        classifier = Classifier(candidate, fp32.tokenizer, stage.max_length)
+        return score(classifier, s1, s2, labels, stage.batch_size)["eval_accuracy"]
 
     tolerable = int8.relative_tolerance(stage.tolerance, baseline_accuracy)
     tuned = int8.inc_tune(model, stage.backend, calibration, accuracy, tolerable, stage.max_trials)
@@ -123,9 +130,3 @@ def _result(stage, baseline: dict, quantized: dict, seconds: float, source: Path
         "quantize_seconds": round(seconds, 2), "fp32_size_mb": round(weights_mb(source), 2),
         "int8_size_mb": round(weights_mb(staged), 2), "model": str(source), "torch": torch.__version__,
     }
-
-
-def _remove(folder: Path) -> None:
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)

@@ -20,7 +20,15 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nlpwf import data, evaluate, inference, int8, outputs, quantize
+from nlpwf import models
+from nlpwf.data.splits import load_splits
+from nlpwf.inference import int8
+from nlpwf.inference.classifier import Classifier, tensors
+from nlpwf.inference.load import load_fp32
+from nlpwf.results import files
+from nlpwf.stages.evaluate import score
+from nlpwf.stages.quantize import calibration_batches
+from nlpwf.stages.serving import serving_threads
 from nlpwf.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -33,7 +41,7 @@ TABLE_FILE = "benchmark.md"
 @dataclass
 class Variant:
     name: str
-    classifier: inference.Classifier
+    classifier: Classifier
     times: dict[int, list[float]] = field(default_factory=dict)  # batch size -> seconds per call
 
 
@@ -51,12 +59,12 @@ def check(stage: DictConfig) -> None:
 
 
 def build(name: str, source: Path, tokenizer, stage: DictConfig, calibration: list) -> Variant:
-    fp32 = inference.load_fp32(source)
+    fp32 = load_fp32(source)
     if name in FLOAT_BACKENDS:
-        return Variant(name, inference.Classifier(fp32, tokenizer, stage.max_length, precision=name, name=name))
+        return Variant(name, Classifier(fp32, tokenizer, stage.max_length, precision=name, name=name))
     qmodel = int8.quantize(fp32, name, calibration)
     forward = int8.compile_graph(qmodel) if name != "torch_dynamic" and stage.compile else qmodel
-    return Variant(name, inference.Classifier(forward, tokenizer, stage.max_length, name=name))
+    return Variant(name, Classifier(forward, tokenizer, stage.max_length, name=name))
 
 
 def inputs(tokenizer, split, batch_size: int, count: int, seq_length: int | None, max_length: int) -> list[tuple]:
@@ -68,7 +76,7 @@ def inputs(tokenizer, split, batch_size: int, count: int, seq_length: int | None
     out = []
     for start in range(0, need, batch_size):
         enc = tokenizer(s1[start:start + batch_size], s2[start:start + batch_size], truncation=True, return_tensors="pt", **padding)
-        out.append(inference.tensors(enc))
+        out.append(tensors(enc))
     return out
 
 
@@ -86,14 +94,14 @@ def time_calls(variant: Variant, batches: list[tuple], calls: int, offset: int) 
 def run(cfg: DictConfig, job_dir: Path) -> dict:
     stage = cfg.stage
     check(stage)
-    threads = inference.set_threads(cfg)
-    source = inference.model_dir(stage.model_path, "benchmark")
-    if int8.is_quantized(source):
+    threads = serving_threads(cfg)
+    source = models.saved_model_dir(stage.model_path, "benchmark")
+    if models.is_quantized(source):
         raise UserError(f"stage.model_path={stage.model_path} is INT8: benchmark starts from a training job's fp32 model/ folder")
-    tokenizer = inference.load_tokenizer(source)
-    splits = data.load_splits(cfg.dataset)
-    base = inference.Classifier(inference.load_fp32(source), tokenizer, stage.max_length)
-    calibration = quantize.calibration_batches(base, splits["train"], stage.calibration_samples, stage.batch_size)
+    tokenizer = models.load_saved_tokenizer(source)
+    splits = load_splits(cfg.dataset)
+    base = Classifier(load_fp32(source), tokenizer, stage.max_length)
+    calibration = calibration_batches(base, splits["train"], stage.calibration_samples, stage.batch_size)
     workload = {bs: inputs(tokenizer, splits["eval"], bs, stage.calls_per_round, stage.seq_length, stage.max_length)
                 for bs in stage.batch_sizes}
 
@@ -113,13 +121,13 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
         log.info("round %d of %d done", round_index + 1, stage.rounds)
 
     pairs = splits["eval"]["sentence1"], splits["eval"]["sentence2"], splits["eval"]["label"]
-    accuracy = {v.name: evaluate.score(v.classifier, *pairs, stage.batch_size)["eval_accuracy"] for v in variants} if stage.accuracy else {}
+    accuracy = {v.name: score(v.classifier, *pairs, stage.batch_size)["eval_accuracy"] for v in variants} if stage.accuracy else {}
     rows = table_rows(variants, accuracy)
     result = {"rows": rows, "threads": threads, "machine": machine(), "date": now(), "model": str(source),
               "eval_pairs": len(pairs[2]), "stage": OmegaConf.to_container(stage, resolve=True)}
     markdown = render(result)
     (Path(job_dir) / TABLE_FILE).write_text(markdown)
-    outputs.write_json(Path(job_dir) / outputs.METRICS_FILE, result)
+    files.write_json(Path(job_dir) / files.METRICS_FILE, result)
     print(markdown, flush=True)
     return result
 

@@ -1,0 +1,1 @@
+"""Data in: GLUE folders, the Hugging Face Hub, the shipped sample, and tokenisation."""

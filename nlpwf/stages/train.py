@@ -1,0 +1,125 @@
+"""stage=train: fine-tuning, top to bottom: data, model, transformers' Trainer, then metrics and
+model out.
+
+A job of one process trains here. A job of several processes (nodes x processes_per_node)
+that nobody started as ranks starts them as workers on this machine, each re-entering
+`python -m nlpwf` with the job's resolved config (runtime.jobfile), exactly as Azure ML starts
+them on its nodes. Each rank, however started, runs `train`; only rank 0 writes results.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+from transformers import TrainerCallback, set_seed
+
+from nlpwf.config.checks import check_job
+from nlpwf.data.splits import load_splits
+from nlpwf.data.tokenize import tokenize
+from nlpwf.errors import Interrupted
+from nlpwf import models
+from nlpwf.results import files, plots
+from nlpwf.runtime import collective, contract, jobfile, threads, workers
+from nlpwf.runtime.peers import peer_loss
+from nlpwf.training import checkpoints, cpu, recorder, tracking
+from nlpwf.training.trainer import build, check_model_limits, final_eval, training_arguments
+
+log = logging.getLogger(__name__)
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Everything that can reject the input, run once before worker processes start, so a
+    mistake is reported once and not by every rank."""
+    check_job(cfg)
+    check_model_limits(cfg)
+    load_splits(cfg.dataset)
+
+
+def run(cfg: DictConfig, job_dir: Path) -> dict | None:
+    """Train in this process, or start the job's ranks here when it needs several."""
+    if contract.from_env() is None and cfg.nodes * cfg.compute.processes_per_node > 1:
+        return run_local_workers(cfg, job_dir)
+    return train(cfg, job_dir)
+
+
+def run_local_workers(cfg: DictConfig, job_dir: Path) -> dict:
+    preflight(cfg)
+    world = cfg.nodes * cfg.compute.processes_per_node
+    # An Azure VM size emulated here keeps its process layout but not its thread count.
+    configured = cfg.compute.threads_per_process if cfg.compute.name == "local" else None
+    config_file = jobfile.write_job_config(cfg, job_dir / jobfile.JOB_CONFIG)
+    code = workers.run_workers(jobfile.worker_command(config_file, job_dir), cfg.nodes, cfg.compute.processes_per_node,
+                               threads=threads.threads_per_process(configured, world))
+    workers.raise_for_exit(code, "a worker process", checkpoints.resume_hint(job_dir / checkpoints.CHECKPOINT_DIR, job_dir))
+    metrics = files.read_metrics(job_dir)
+    if metrics is None:
+        raise RuntimeError(f"the workers finished but rank 0 wrote no {files.METRICS_FILE} in {job_dir}")
+    return metrics
+
+
+def train(cfg: DictConfig, job_dir: Path, callbacks: list[TrainerCallback] = ()) -> dict | None:
+    """Train and evaluate in this process. Returns the metrics on rank 0, None on other ranks.
+    `callbacks` go to the Trainer after nlpwf's own (benchmarks use them to observe steps)."""
+    rank = contract.from_env() or contract.Rank()
+    if not rank.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    n_threads = threads.set_threads(int(os.environ.get("OMP_NUM_THREADS")
+                                        or threads.threads_per_process(cfg.compute.threads_per_process, local_world)))
+    tuning = cpu.setup_process(cfg.get("perf"), rank, local_world, n_threads)
+    backend = collective.init_process_group(rank, cfg.training.ddp_timeout) if rank.world_size > 1 else None
+
+    check_job(cfg)
+    check_model_limits(cfg)
+    splits = load_splits(cfg.dataset)
+    tokenizer = models.load_tokenizer(cfg.model)
+    encoded = tokenize(splits, tokenizer, cfg.dataset.max_seq_length, cfg.dataset.pad_to_max_length)
+
+    args = training_arguments(cfg, job_dir, tracking.report_to(cfg.logger))
+    set_seed(args.seed)  # before the model, so a random-init or a new classifier head is reproducible
+    trainer, sigterm = build(cfg, args, encoded, tokenizer, callbacks)
+    checkpoint_dir = Path(args.output_dir)
+    resume = checkpoints.resume_point(cfg.training.get("resume"), checkpoint_dir, rank.is_main)
+    tracker = tracking.start(cfg, job_dir, rank.is_main)  # before train(): the integrations reuse its runs
+    record = recorder.attach(trainer, cfg.get("perf"), tuning, bf16=args.bf16)
+    log.info("training %s on %s: %d train / %d eval pairs, world size %d, %s, %d thread(s) per process",
+             cfg.model.name, cfg.dataset.name, len(encoded["train"]), len(encoded["eval"]), rank.world_size,
+             cfg.precision.name, n_threads)
+    # A lost rank: one line, not a gloo stack.
+    with peer_loss(rank, lambda: checkpoints.resume_hint(checkpoint_dir, job_dir)):
+        train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
+    if sigterm.stopped_at is not None:  # not the end of training: nothing is evaluated or published
+        raise Interrupted(f"training stopped by SIGTERM at step {sigterm.stopped_at} of {trainer.state.max_steps}; "
+                          f"{checkpoints.resume_hint(checkpoint_dir, job_dir)}")
+    eval_metrics = final_eval(trainer)
+
+    digests = collective.parameter_digests(trainer.model)
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"DDP replicas ended with different parameters (digests {digests}): training is not synchronised")
+    staged = files.staging_dir(job_dir / files.MODEL_DIR) if rank.is_main else None
+    trainer.save_model(str(staged) if staged else None)  # only the main process writes
+    if not rank.is_main:
+        return None
+    result = {
+        **train_metrics, **eval_metrics,
+        "world_size": rank.world_size, "nodes": cfg.nodes, "processes_per_node": cfg.compute.processes_per_node,
+        "threads_per_process": n_threads, "backend": backend or "none", "precision": cfg.precision.name,
+        "model": cfg.model.name, "dataset": cfg.dataset.name, "eval_split": cfg.dataset.eval_split,
+        "train_pairs": len(encoded["train"]), "eval_pairs": len(encoded["eval"]),
+        "parameter_digests": digests, **record.report(),
+    }
+    publish(result, trainer, staged, job_dir, tracker)
+    log.info("eval_accuracy %.4f, eval_f1 %.4f; model and metrics in %s", result["eval_accuracy"], result["eval_f1"], job_dir)
+    return result
+
+
+def publish(result: dict, trainer, staged_model: Path, job_dir: Path, tracker) -> None:
+    """The model, train log, metrics and plot into the job dir (rank 0), then to the trackers."""
+    files.publish_dir(staged_model, job_dir / files.MODEL_DIR)
+    files.write_train_log(job_dir / files.TRAIN_LOG_FILE, trainer.state.log_history)
+    files.write_json(job_dir / files.METRICS_FILE, result)
+    curves = plots.training_curves(job_dir / files.TRAIN_LOG_FILE, job_dir / plots.RUN_PLOT)
+    if tracker:
+        tracker.finish(result, [job_dir / files.METRICS_FILE, job_dir / files.TRAIN_LOG_FILE, curves])

@@ -1,0 +1,109 @@
+"""What a training run actually did, for metrics.json: activation dtype inside autocast, padded
+batch shapes, threads and cores per rank; and the CPU add-ons `attach` puts on a Trainer
+(IPEX when installed, an optional DDP gradient-compression hook)."""
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from nlpwf.runtime import collective
+from nlpwf.training import cpu
+
+
+class Recorder(TrainerCallback):
+    """Registers the comm hook on the DDP model and records what training actually ran."""
+
+    def __init__(self, trainer, settings: cpu.ProcessSettings, hook_name: str | None):
+        self.trainer, self.settings, self.hook_name = trainer, settings, hook_name
+        self.hook_calls = 0
+        self.activation_dtype: str | None = None
+        self.batches: list[tuple[int, int, int, int, int, int]] = []  # batch, padded, max, min, sum len, sum len²
+        self.ranks: list[dict] | None = None
+        self._handles = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        model = self.trainer.model
+        # Python hooks inside a compiled region would break its graph on every step: record nothing.
+        if not self._handles and not args.torch_compile:
+            self._handles.append(model.register_forward_pre_hook(self._record_batch, with_kwargs=True))
+            first_linear = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+            if first_linear is not None:
+                self._handles.append(first_linear.register_forward_hook(self._record_dtype))
+        self._register_comm_hook(self.trainer.model_wrapped)
+
+    def _register_comm_hook(self, wrapped) -> None:
+        if not self.hook_name or self.settings.comm_hook != "none":
+            return
+        if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            return  # one process: no all-reduce to compress
+        hook = cpu.comm_hook(self.hook_name)
+
+        def counted(state, bucket):
+            self.hook_calls += 1  # one call per gradient bucket per all-reduce: shows when no_sync skipped it
+            return hook(state, bucket)
+
+        wrapped.register_comm_hook(state=None, hook=counted)
+        self.settings.comm_hook = self.hook_name
+
+    def _record_batch(self, module, args, kwargs):
+        shape = batch_shape(module, kwargs)
+        if shape is not None:
+            self.batches.append(shape)
+
+    def _record_dtype(self, module, inputs, output):
+        if module.training and self.activation_dtype is None:
+            self.activation_dtype = str(output.dtype).replace("torch.", "")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # Every rank reaches this point, so the gather cannot hang.
+        self.ranks = collective.gather({"local_rank": int(os.environ.get("LOCAL_RANK", 0)), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                             "torch_threads": torch.get_num_threads(), "cores": sorted(os.sched_getaffinity(0)),
+                             "affinity": self.settings.affinity, "allocator": self.settings.allocator})
+
+    def report(self) -> dict:
+        b = self.batches
+        padded = sum(n * p for n, p, *_ in b)
+        real = sum(s for *_, s, _ in b)
+        return {
+            "perf_activation_dtype": self.activation_dtype,
+            "perf_train_batches": len(b),
+            "perf_mean_padded_length": padded / max(1, sum(n for n, *_ in b)),
+            "perf_max_padded_length": max((p for _, p, *_ in b), default=0),
+            "perf_padding_fraction": 1 - real / padded if padded else 0.0,
+            # batches padded beyond their longest pair (pad_to_max_length or pad_to_multiple_of)
+            "perf_overpadded_batches": sum(1 for _, p, mx, *_ in b if p > mx),
+            "perf_mean_length_spread": sum(mx - mn for _, _, mx, mn, *_ in b) / max(1, len(b)),
+            "perf_ipex": self.settings.ipex, "perf_allocator": self.settings.allocator,
+            "perf_ddp_comm_hook": self.settings.comm_hook, "perf_ddp_comm_hook_calls": self.hook_calls,
+            "perf_processes": self.ranks,
+        }
+
+
+def batch_shape(module, kwargs) -> tuple[int, int, int, int, int, int] | None:
+    """The shape of a training forward's input (see `mask_shape`); None in eval."""
+    mask = kwargs.get("attention_mask")
+    if not module.training or mask is None:
+        return None
+    return mask_shape(mask)
+
+
+def mask_shape(mask) -> tuple[int, int, int, int, int, int]:
+    """(batch, padded length, longest, shortest, sum of lengths, sum of squared lengths) of a
+    batch, from its attention mask. Squared lengths give the attention FLOPs."""
+    lengths = mask.sum(dim=1)
+    return (mask.shape[0], mask.shape[1], int(lengths.max()), int(lengths.min()),
+            int(lengths.sum()), int((lengths * lengths).sum()))
+
+
+def attach(trainer, cfg, settings: cpu.ProcessSettings, bf16: bool) -> Recorder:
+    """Add nlpwf's CPU add-ons to a Trainer before `train()`. `cfg` is the `perf` node (may be None)."""
+    cfg = cfg or {}
+    if cfg.get("ipex", True):
+        settings.ipex = cpu.apply_ipex(trainer, bf16)
+    recorder = Recorder(trainer, settings, cfg.get("ddp_comm_hook"))
+    if recorder.hook_name:
+        cpu.comm_hook(recorder.hook_name)  # reject an unknown name now, not after loading data on every rank
+    trainer.add_callback(recorder)
+    return recorder

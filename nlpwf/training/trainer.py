@@ -1,0 +1,86 @@
+"""transformers' Trainer, assembled from the config: arguments, collator, metrics and nlpwf's
+callbacks (complete checkpoints, stop on SIGTERM, line progress, the CPU recorder)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import transformers
+from omegaconf import DictConfig, OmegaConf
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+
+from nlpwf import models
+from nlpwf.config.checks import spelling_hint
+from nlpwf.errors import UserError
+from nlpwf.results import metrics
+from nlpwf.training import checkpoints, progress
+from nlpwf.training.sigterm import StopOnSigterm
+
+# Fields users remember from transformers 4.x, and what replaced them.
+RENAMED = {
+    "warmup_ratio": "use training.warmup_steps=0.1 (a float below 1 is a fraction of the steps)",
+    "evaluation_strategy": "use training.eval_strategy",
+    "group_by_length": "use training.train_sampling_strategy=group_by_length",
+    "use_ipex": "IPEX is applied by nlpwf when installed; remove the key",
+    "no_cuda": "remove it (nlpwf always trains on CPU)",
+}
+
+
+def check_model_limits(cfg: DictConfig) -> None:
+    limit = models.max_positions(cfg.model)
+    if cfg.dataset.max_seq_length > limit:
+        raise UserError(
+            f"dataset.max_seq_length={cfg.dataset.max_seq_length} is above {cfg.model.name}'s limit of {limit} "
+            f"positions: set dataset.max_seq_length={min(limit, 512)} or lower"
+        )
+
+
+def training_arguments(cfg: DictConfig, job_dir: Path, report_to: list[str]) -> TrainingArguments:
+    kwargs = OmegaConf.to_container(cfg.training, resolve=True)
+    kwargs.pop("resume", None)  # nlpwf's own key (checkpoints.resume_point)
+    kwargs.update(
+        output_dir=str(Path(job_dir) / checkpoints.CHECKPOINT_DIR),
+        save_total_limit=None,  # nlpwf rotates, counting complete checkpoints only (checkpoints.py)
+        use_cpu=True,
+        bf16=cfg.precision.name == "bf16",
+        report_to=report_to,
+    )
+    if kwargs.get("enable_jit_checkpoint"):
+        raise UserError("training.enable_jit_checkpoint: nlpwf already checkpoints on SIGTERM (a checkpoint marked "
+                        "complete, which training.resume=auto can use; transformers' would not be): remove the key")
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(TrainingArguments)})
+    if unknown:
+        name = unknown[0]
+        hint = RENAMED.get(name) or spelling_hint(name)
+        raise UserError(f"training.{name} is not a TrainingArguments field in transformers {transformers.__version__}: {hint}")
+    try:
+        return TrainingArguments(**kwargs)
+    except ValueError as e:
+        raise UserError(f"invalid training settings: {str(e).splitlines()[0]}") from e
+
+
+def build(cfg: DictConfig, args: TrainingArguments, encoded, tokenizer,
+          callbacks: list[TrainerCallback] = ()) -> tuple[Trainer, StopOnSigterm]:
+    """The Trainer for `encoded` (splits `train` and `eval`), and its SIGTERM watcher. The model
+    is created here, after the caller seeded the RNGs. `callbacks` are added after nlpwf's own."""
+    sigterm = StopOnSigterm()
+    trainer = Trainer(
+        model=models.load_model(cfg.model),
+        args=args,
+        train_dataset=encoded["train"],
+        eval_dataset=encoded["eval"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.dataset.get("pad_to_multiple_of")),
+        compute_metrics=metrics.from_eval_prediction,
+        callbacks=[checkpoints.CheckpointCallback(cfg.training.get("save_total_limit")), sigterm, *callbacks],
+    )
+    progress.install(trainer)  # line-based progress in log files
+    return trainer, sigterm
+
+
+def final_eval(trainer: Trainer) -> dict:
+    """The evaluation at the last step if the schedule already ran it, else a new one."""
+    history = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if history and history[-1].get("step") == trainer.state.global_step:
+        return {k: v for k, v in history[-1].items() if k.startswith("eval_")}
+    return trainer.evaluate()
