@@ -7,8 +7,9 @@ from omegaconf import OmegaConf
 from conftest import compose
 from nlpwf import CONF_DIR
 
-# conf/GROUP/OPTION.yaml for the groups a job composes (hydra's own groups excluded).
-OPTIONS = sorted((p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml"))
+# conf/GROUP/OPTION.yaml for the groups a job composes (hydra's own groups excluded); files
+# starting with "_" are bases other options extend, not options.
+OPTIONS = sorted((p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml") if not p.stem.startswith("_"))
 
 
 def test_every_group_has_options():
@@ -76,3 +77,44 @@ def test_optuna_search_maximises_the_objective():
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.sweeper.direction == "maximize" and cfg.objective == "eval_accuracy"
     assert "training.learning_rate" in cfg.hydra.sweeper.params
+
+
+def _leaves(node, prefix=""):
+    """(dotted key, value) of every leaf of a plain dict."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_presets_list_only_what_they_change(preset):
+    """Every value a preset sets differs from what the config would be without it (with the
+    preset's own group choices, under some compute option), so a preset reads as its difference
+    from the defaults. (mrpc_seed's 1 process per node is the local default, not d32_v5's.)"""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "experiment" / f"{preset}.yaml"))
+    groups = [f"{k.replace('override /', '')}={v}" for d in raw.pop("defaults", []) for k, v in d.items()]
+    computes = sorted(p.stem for p in (CONF_DIR / "compute").glob("*.yaml"))
+    bases = [compose(*groups, f"compute={c}") for c in computes]
+    for key, value in _leaves(raw):
+        assert any(OmegaConf.select(b, key) != value for b in bases), f"{preset} sets {key}={value}, already the default"
+    with_preset = compose(f"experiment={preset}")
+    for key, value in _leaves(raw):
+        assert OmegaConf.select(with_preset, key) == value
+
+
+def test_d32s_v6_is_d32_v5_on_another_vm_and_cluster():
+    v5, v6 = compose("compute=d32_v5").compute, compose("compute=d32s_v6").compute
+    assert (v6.vm_size, v6.cluster.name) == ("Standard_D32s_v6", "cpu-d32s-v6")
+    same = ("vcpus", "cores", "memory_gb", "processes_per_node", "threads_per_process")
+    assert [v6[k] for k in same] == [v5[k] for k in same]
+    assert {k: v for k, v in v6.cluster.items() if k != "name"} == {k: v for k, v in v5.cluster.items() if k != "name"}
+    hydra_cfg = compose("compute=d32s_v6", return_hydra_config=True).hydra
+    assert hydra_cfg.launcher._target_.endswith("NlpwfAzureMLLauncher") and str(hydra_cfg.mode) == "RunMode.MULTIRUN"
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "predict", "quantize", "benchmark"])
+def test_serving_stages_share_one_base(stage):
+    cfg = compose(f"stage={stage}", "stage.model_path=/m", "stage.batch_size=7").stage
+    assert (cfg.name, cfg.model_path, cfg.batch_size, cfg.max_length, cfg.compile) == (stage, "/m", 7, 128, True)
