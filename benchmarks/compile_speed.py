@@ -77,9 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=ts.RESULTS)
     p.add_argument("--threads", type=int, default=None, help="threads per variant (default: all cores)")
     a = p.parse_args(argv)
-    from nlpwf import distributed
+    from nlpwf.runtime import threads
 
-    a.threads = a.threads or distributed.physical_cores()
+    a.threads = a.threads or threads.physical_cores()
     # budgets are own time from worker start, so they include compiling
     a.turn_s, a.budget_s, a.warmup = (5, 60, 5) if a.quick else (15, 200, 40)
     return a

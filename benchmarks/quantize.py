@@ -35,7 +35,7 @@ def nlpwf(job: Path, *overrides: str) -> dict:
         sys.exit(f"job failed ({proc.returncode}): {proc.stderr[-3000:]}")
     metrics = json.loads((job / "metrics.json").read_text())
     if proc.returncode == 2:  # e.g. the INT8 model lost more than the tolerance: still reported
-        metrics["error"] = [l for l in proc.stderr.splitlines() if l.startswith("nlpwf: error:")][-1]
+        metrics["error"] = [line for line in proc.stderr.splitlines() if line.startswith("nlpwf: error:")][-1]
     return metrics
 
 
@@ -76,10 +76,11 @@ def step_predict(args) -> dict:
 
 
 def render(results: dict, notes: list[str]) -> str:
-    lines = [f"# Quantize and serve: MiniLM-L6 fine-tuned on MRPC", "",
+    lines = ["# Quantize and serve: MiniLM-L6 fine-tuned on MRPC", "",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {platform.node()}; produced by `benchmarks/quantize.py`.", ""]
     if "quantize" in results:
-        lines += ["## Accuracy on MRPC dev (408 pairs)", "", "| backend | accuracy | F1 | loss (points) | weights MB | note |", "|---|---|---|---|---|---|"]
+        lines += ["## Accuracy on MRPC dev (408 pairs)", "",
+                  "| backend | accuracy | F1 | loss (points) | weights MB | note |", "|---|---|---|---|---|---|"]
         first = next(iter(results["quantize"].values()))
         lines.append(f"| fp32 | {100 * first['fp32_accuracy']:.2f}% | {100 * first['fp32_f1']:.2f}% | | {first['fp32_size_mb']:.1f} | |")
         for backend, m in results["quantize"].items():

@@ -29,7 +29,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -93,7 +92,7 @@ def peak_gemm(dtype_name: str, n: int, reps: int) -> float:
 def make_turns_callback(conn, turn_s: float, budget_s: float, target: float | None, stop_at_target: bool, count_setup: bool):
     from transformers import TrainerCallback
 
-    from nlpwf import perf
+    from nlpwf.training import recorder
 
     class Turns(TrainerCallback):
         """Yields the CPU every `turn_s` seconds of own time; records step ends and evals."""
@@ -117,9 +116,9 @@ def make_turns_callback(conn, turn_s: float, budget_s: float, target: float | No
             self.resumed = time.perf_counter()
             return reply
 
-        def record(self, inputs):
+        def on_train_batch(self, inputs):  # nlpwf's trainer shows each training batch to its callbacks
             if inputs.get("attention_mask") is not None:
-                self.batches.append(perf.mask_shape(inputs["attention_mask"]))
+                self.batches.append(recorder.mask_shape(inputs["attention_mask"]))
 
         def on_step_end(self, args, state, control, **kwargs):
             now = self.clock()
@@ -145,13 +144,14 @@ def make_turns_callback(conn, turn_s: float, budget_s: float, target: float | No
 
 def worker(conn, overrides: list[str], job_dir: str, turn_s: float, budget_s: float, target, stop_at_target: bool,
            count_setup: bool) -> None:
-    """One variant: import, wait for the first turn, then train through nlpwf.train.run."""
+    """One variant: import, wait for the first turn, then train through nlpwf.stages.train.train."""
     try:
         import logging
 
         from hydra import compose, initialize_config_dir
 
-        from nlpwf import CONF_DIR, perf, train
+        from nlpwf import CONF_DIR
+        from nlpwf.stages import train
 
         logging.basicConfig(level=logging.WARNING)
         import datasets
@@ -163,20 +163,10 @@ def worker(conn, overrides: list[str], job_dir: str, turn_s: float, budget_s: fl
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=overrides)
         turns = make_turns_callback(conn, turn_s, budget_s, target, stop_at_target, count_setup)
-        perf.CALLBACKS.append(turns)
-        # Batches are recorded where Trainer hands them to the model, outside any region
-        # torch.compile captures (a forward hook there would break its graph every step).
-        step = transformers.Trainer.training_step
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            turns.record(inputs)
-            return step(self, model, inputs, *args, **kwargs)
-
-        transformers.Trainer.training_step = training_step
         conn.send(("ready",))
         conn.recv()
         turns.resumed = time.perf_counter()  # own time starts with the first turn: setup counts
-        result = train.run(cfg, Path(job_dir))
+        result = train.train(cfg, Path(job_dir), callbacks=[turns])
         conn.send(("done", {
             "own_s": turns.clock(), "steps": turns.steps, "batches": turns.batches, "evals": turns.evals,
             "turns": turns.turn_own, "allocator": result.get("perf_allocator"), "epoch": result.get("epoch"),
@@ -190,7 +180,7 @@ def worker(conn, overrides: list[str], job_dir: str, turn_s: float, budget_s: fl
 def start_workers(specs: dict[str, dict], tmp: Path) -> dict:
     """Start one process per variant; fast variants get the fast allocator preloaded when
     installed (LD_PRELOAD must be set before a process starts)."""
-    from nlpwf import perf
+    from nlpwf.training import cpu
 
     ctx = mp.get_context("spawn")
     workers = {}
@@ -198,7 +188,7 @@ def start_workers(specs: dict[str, dict], tmp: Path) -> dict:
         parent, child = ctx.Pipe()
         env = {"OMP_NUM_THREADS": str(spec["threads"])}
         if spec.get("preload"):
-            env.update(perf.preload_env())
+            env.update(cpu.preload_env())
         saved = {k: os.environ.get(k) for k in (*env, "LD_PRELOAD")}
         os.environ.update(env)
         try:
@@ -259,7 +249,8 @@ def throughput_stats(model: str, run: dict, warmup: int = WARMUP_STEPS) -> dict:
     return {"steps": len(window), "seconds": seconds, "samples_per_s": samples / seconds,
             "tokens_per_s": real_tokens / seconds, "padded_tokens_per_s": padded_tokens / seconds,
             "model_flops_per_s": useful / seconds, "hardware_flops_per_s": padded / seconds,
-            "mean_padded_length": padded_tokens / samples, "turn_rate_cv": statistics.pstdev(rates) / statistics.mean(rates) if len(rates) > 1 else None,
+            "mean_padded_length": padded_tokens / samples,
+            "turn_rate_cv": statistics.pstdev(rates) / statistics.mean(rates) if len(rates) > 1 else None,
             "allocator": run["allocator"], "activation_dtype": run["activation_dtype"]}
 
 
@@ -292,7 +283,8 @@ def measure_time_to_accuracy(args, tmp: Path, steps_per_epoch: dict) -> dict:
     for name in ACCURACY_VARIANTS:
         every = eval_every(steps_per_epoch[name], args.evals_per_epoch)
         specs[name] = {"overrides": VARIANTS[name] + MODEL_ARGS["minilm_l6"] + COMMON + [
-            f"dataset.data_dir={args.data}", "training.eval_strategy=steps", f"+training.eval_steps={every}"] + args.tta_overrides.get(name, []),
+            f"dataset.data_dir={args.data}", "training.eval_strategy=steps", f"+training.eval_steps={every}"]
+            + args.tta_overrides.get(name, []),
             "threads": args.threads, "turn_s": args.turn_s, "budget_s": args.tta_budget_s, "preload": name != "seed",
             "target": args.target, "stop_at_target": True, "count_setup": True}
     runs = take_turns(start_workers(specs, tmp / "tta"))
@@ -311,7 +303,8 @@ def measure_parity(args, tmp: Path) -> dict:
     evaluation at every epoch end, taking turns: accuracy at equal epochs, and the ratio of
     training throughput over the whole run (evaluation time taken out)."""
     print("parity: minilm_l6", flush=True)
-    specs = {name: {"overrides": VARIANTS[name] + MODEL_ARGS["minilm_l6"] + COMMON + [f"dataset.data_dir={args.data}", "training.eval_strategy=epoch"]
+    specs = {name: {"overrides": VARIANTS[name] + MODEL_ARGS["minilm_l6"] + COMMON
+                     + [f"dataset.data_dir={args.data}", "training.eval_strategy=epoch"]
                     + args.parity_overrides,
                     "threads": args.threads, "turn_s": args.turn_s, "budget_s": math.inf, "preload": name != "seed"}
              for name in ACCURACY_VARIANTS}
@@ -362,12 +355,12 @@ def allreduce_worker(rank: int, port: int, numels: dict, reps: int, queue) -> No
 def measure_allreduce(models: list[str], reps: int) -> dict:
     """Median all-reduce time of one model's gradients (fp32 and bf16-compressed), 2 gloo
     processes on loopback: the per-step communication floor of DDP on this machine."""
-    from nlpwf import distributed
+    from nlpwf.runtime import workers
 
     numels = {m: parameter_count(m) for m in models}
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = distributed.free_port()
+    port = workers.free_port()
     procs = [ctx.Process(target=allreduce_worker, args=(r, port, numels, reps, queue)) for r in range(2)]
     for p in procs:
         p.start()
@@ -419,11 +412,11 @@ def machine() -> dict:
     flags = Path("/proc/cpuinfo").read_text()
     import torch
 
-    from nlpwf import perf
+    from nlpwf.training import cpu
 
-    return {"cpu": model_name, "cores": len(perf.physical_core_groups(os.sched_getaffinity(0))),
+    return {"cpu": model_name, "cores": len(cpu.physical_core_groups(os.sched_getaffinity(0))),
             "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags, "torch": torch.__version__,
-            "ipex": "yes" if perf.ipex_module() else "no", "allocator_available": perf.find_allocator() or "none"}
+            "ipex": "yes" if cpu.ipex_module() else "no", "allocator_available": cpu.find_allocator() or "none"}
 
 
 def write_report(res: dict, out: Path) -> Path:
@@ -463,7 +456,8 @@ def render_markdown(res: dict) -> str:
         lines += ["", f"## Time to {res['target']:.0%} MRPC dev accuracy (minilm_l6)", "",
                   "Own wall time of each recipe from process set-up (data, model) through training and its periodic "
                   "evaluations; the two alternate turns. Accuracy at each epoch end where reached.", "",
-                  "| recipe | time to target | of which training | epochs at target | best accuracy | acc. epoch 1 | acc. epoch 2 | acc. epoch 3 | trained |",
+                  "| recipe | time to target | of which training | epochs at target | best accuracy"
+                  " | acc. epoch 1 | acc. epoch 2 | acc. epoch 3 | trained |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in t.items():
             at = {round(e["epoch"], 2): e["accuracy"] for e in r["evals"]}
@@ -472,7 +466,8 @@ def render_markdown(res: dict) -> str:
             ep = f"{r['epochs_at_target']:.2f}" if r["epochs_at_target"] else "-"
             best = f"{r['best_accuracy']:.1%}" if r["best_accuracy"] is not None else "-"
             tr = f"{r['train_time_to_target_s'] / 60:.1f} min" if r["train_time_to_target_s"] else "-"
-            lines.append(f"| {name} | {tt} | {tr} | {ep} | {best} | {' | '.join(cells)} | {r['final_epoch']:.2f} ep, {r['own_s'] / 60:.1f} min |")
+            trained = f"{r['final_epoch']:.2f} ep, {r['own_s'] / 60:.1f} min"
+            lines.append(f"| {name} | {tt} | {tr} | {ep} | {best} | {' | '.join(cells)} | {trained} |")
         lines += ["", "Accuracy at equal epochs (evaluations both recipes made):", "",
                   "| epoch | " + " | ".join(t) + " |", "|---:|" + "---:|" * len(t)]
         by_epoch = {name: {round(e["epoch"], 2): e["accuracy"] for e in r["evals"]} for name, r in t.items()}
@@ -490,7 +485,8 @@ def render_markdown(res: dict) -> str:
         for name, r in par.items():
             at = {round(e["epoch"], 2): e["accuracy"] for e in r["evals"]}
             lines.append(f"| {name} | " + " | ".join(f"{at[ep]:.1%}" if ep in at else "-" for ep in epochs)
-                         + f" | {r['evals'][-1]['f1']:.3f} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f} | {r['own_s'] / 60:.1f} min |")
+                         + f" | {r['evals'][-1]['f1']:.3f} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f}"
+                         + f" | {r['own_s'] / 60:.1f} min |")
         last = {name: r["evals"][-1]["accuracy"] for name, r in par.items()}
         lines += ["", f"Final accuracy, fast-bf16 minus seed: {(last['fast-bf16'] - last['seed']) * 100:+.1f} points."]
     if res.get("allreduce"):
@@ -498,7 +494,8 @@ def render_markdown(res: dict) -> str:
         lines += ["", "## Scaling", "", "Measured: one all-reduce of the model's gradients, gloo, 2 processes on loopback "
                   "(1 thread each), median.", "", "| model | parameters | fp32 | bf16 (compressed) |", "|---|---:|---:|---:|"]
         for model, n in a["parameters"].items():
-            lines.append(f"| {model} | {n / 1e6:.1f} M | {a['seconds'][model + '/float32'] * 1e3:.0f} ms | {a['seconds'][model + '/bfloat16'] * 1e3:.0f} ms |")
+            fp32_ms, bf16_ms = a['seconds'][model + '/float32'] * 1e3, a['seconds'][model + '/bfloat16'] * 1e3
+            lines.append(f"| {model} | {n / 1e6:.1f} M | {fp32_ms:.0f} ms | {bf16_ms:.0f} ms |")
         for model, rows in res.get("scaling", {}).items():
             lines += ["", f"Model (benchmarks/README.md) for {model}: {D32['name']} nodes ({D32['cores']} cores, "
                       f"{D32['network_gbps']:.0f} Gbit/s), 32 pairs per node per micro-step, fast-fp32 compute rate: "
@@ -515,7 +512,6 @@ def plot(res: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     models = list(res.get("throughput", {}))
     if models:
@@ -571,9 +567,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="threads per variant (default: all cores)")
     p.add_argument("--models", default=",".join(ARCH), help="models for the throughput and all-reduce sections")
     a = p.parse_args(argv)
-    from nlpwf import distributed
+    from nlpwf.runtime import threads
 
-    a.threads = a.threads or distributed.physical_cores()
+    a.threads = a.threads or threads.physical_cores()
     a.models = a.models.split(",")
     if a.quick:
         a.turn_s, a.throughput_s, a.tta_budget_s, a.gemm_n, a.gemm_reps, a.allreduce_reps = 5, 15, 90, 1024, 2, 2

@@ -22,16 +22,40 @@ TINY = ["model=tiny_bert", "dataset.max_train_samples=64", "dataset.max_eval_sam
         "training.num_train_epochs=1", "training.disable_tqdm=true", "training.logging_steps=1"]
 
 
+# Where CLI runs start unless a test says otherwise: the running test's own temp dir, so a job
+# dir left at Hydra's default (outputs/, multirun/ under the working dir) never lands in the
+# repository. Set by the autouse fixtures below.
+_WORK_DIRS: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_work_dir(tmp_path_factory):
+    _WORK_DIRS.append(tmp_path_factory.mktemp("cli"))  # for session-scoped fixtures
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _test_work_dir(tmp_path):
+    _WORK_DIRS.append(tmp_path)
+    yield
+    _WORK_DIRS.pop()
+
+
+def work_dir() -> Path:
+    return _WORK_DIRS[-1]
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m nlpwf ARGS` in a fresh process, output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "nlpwf", *args], cwd=cwd or PROJECT_ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "nlpwf", *args], cwd=cwd or work_dir(), capture_output=True, text=True,
         timeout=timeout, env={**os.environ, **OFFLINE_ENV, **(env or {})},
     )
 
 
 def compose(*overrides: str, return_hydra_config: bool = False):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)

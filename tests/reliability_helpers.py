@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import OFFLINE_ENV, TINY, run_cli
 
-from nlpwf import PROJECT_ROOT, checkpoints
+from nlpwf.training import checkpoints
+
+from conftest import OFFLINE_ENV, TINY, run_cli, work_dir
 
 # A tiny run long enough to be killed in the middle: 10 steps per epoch, 2 epochs,
 # a checkpoint every 3 steps and at each epoch end.
@@ -26,7 +27,7 @@ def start_cli(*args: str, env: dict | None = None, log: Path | None = None) -> s
     """`python -m nlpwf ARGS` in the background, in its own process group, output to `log`."""
     out = open(log, "w") if log else subprocess.DEVNULL
     return subprocess.Popen(
-        [sys.executable, "-m", "nlpwf", *args], cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "nlpwf", *args], cwd=work_dir(), stdout=out, stderr=subprocess.STDOUT,
         env={**os.environ, **OFFLINE_ENV, **(env or {})}, start_new_session=True,
     )
 

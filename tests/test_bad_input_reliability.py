@@ -8,10 +8,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import TINY, compose, run_cli
 
-from nlpwf import checkpoints, data, models, train
+from nlpwf import models
+from nlpwf.config import checks, start
+from nlpwf.data.splits import load_splits
 from nlpwf.errors import UserError
+from nlpwf.training import checkpoints
+from nlpwf.training.trainer import training_arguments
+
+from conftest import TINY, compose, run_cli
 
 
 def one_line_error(proc) -> str:
@@ -109,11 +114,10 @@ def test_a_credential_typed_as_an_override_is_refused_before_anything_is_written
     ("dataset.max_seq_length=64", False), ("+training.eval_accumulation_steps=2", False), ("+x.max_tokens=5", False),
 ])
 def test_which_keys_count_as_credentials(override, secret):
-    from nlpwf import validate
-
-    assert (validate.secret_override([override]) is not None) is secret
+    assert (start.secret_override([override]) is not None) is secret
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint(small_disk):
     job = small_disk / "job"
     line = one_line_error(run_cli(*TINY, f"hydra.run.dir={job}"))
@@ -138,20 +142,21 @@ def test_disk_full_during_a_checkpoint(small_disk):
 ])
 def test_wrong_value_for_a_numeric_field(override, message):
     with pytest.raises(UserError) as e:
-        train.check(compose(*TINY, override))
+        checks.check_job(compose(*TINY, override))
     assert str(e.value).startswith(message)
 
 
 def test_misspelled_new_training_field_gets_a_suggestion(tmp_path):
-    with pytest.raises(UserError, match=r"training\.learing_rate is not a TrainingArguments field .*did you mean training\.learning_rate\?"):
-        train.training_arguments(compose(*TINY, "+training.learing_rate=3e-5"), tmp_path)
+    with pytest.raises(UserError, match=r"training\.learing_rate is not a TrainingArguments field .*"
+                                         r"did you mean training\.learning_rate\?"):
+        training_arguments(compose(*TINY, "+training.learing_rate=3e-5"), tmp_path, [])
 
 
 def test_data_dir_that_is_a_file(tmp_path):
     f = tmp_path / "train.tsv"
     f.write_text("x\n")
     with pytest.raises(UserError, match="is not a directory: point it at a folder with train.tsv and dev.tsv"):
-        data.load_splits(compose("dataset=mrpc", f"dataset.data_dir={f}").dataset)
+        load_splits(compose("dataset=mrpc", f"dataset.data_dir={f}").dataset)
 
 
 def test_model_source_that_is_a_file(tmp_path):
@@ -171,7 +176,8 @@ def _complete_checkpoint(folder: Path, step: int) -> Path:
 
 def test_job_dir_with_checkpoints_of_an_earlier_run_needs_resume(tmp_path):
     _complete_checkpoint(tmp_path, 8)
-    with pytest.raises(UserError, match=r"already holds checkpoints of an earlier run \(newest checkpoint-8\): continue it with training.resume=auto"):
+    with pytest.raises(UserError, match=r"already holds checkpoints of an earlier run \(newest checkpoint-8\): "
+                                         r"continue it with training.resume=auto"):
         checkpoints.resume_point(None, tmp_path, is_main=True)
 
 

@@ -2,13 +2,16 @@
 uninterrupted run with the same seed ends."""
 from __future__ import annotations
 
+import pytest
+
 import shutil
 
-from conftest import run_cli
-from reliability_helpers import (RESUMABLE, complete_steps, kill_group, loss_trace, metrics, start_cli,
-                                 uninterrupted, wait_for)
+from nlpwf.training import checkpoints
 
-from nlpwf import checkpoints
+from conftest import run_cli
+from reliability_helpers import RESUMABLE, complete_steps, kill_group, loss_trace, metrics, start_cli, uninterrupted, wait_for
+
+pytestmark = pytest.mark.slow  # every test here trains end to end
 
 # Resuming restores weights, optimizer, scheduler, RNG and the data order, so the rest of the
 # run repeats the same arithmetic: on one process the results agree to float rounding.

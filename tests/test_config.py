@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose
 from nlpwf import CONF_DIR
+
+from conftest import compose
 
 # conf/GROUP/OPTION.yaml for the groups a job composes (hydra's own groups excluded); files
 # starting with "_" are bases other options extend, not options.

@@ -4,11 +4,15 @@ from __future__ import annotations
 import csv
 
 import pytest
-from omegaconf import OmegaConf
+
+from nlpwf.data import sample
+from nlpwf.data.glue import read_glue_tsv
+from nlpwf.data.splits import SAMPLE_DIR, load_splits
+from nlpwf.data.tokenize import tokenize
+from nlpwf.errors import UserError
+from nlpwf.runtime import network
 
 from conftest import GLUE_HEADER, SHARED_MRPC, compose, pairs, write_glue
-from nlpwf import data, sample_data
-from nlpwf.errors import UserError
 
 
 def test_bom_and_stray_quotes_are_read_verbatim(tmp_path):
@@ -17,7 +21,7 @@ def test_bom_and_stray_quotes_are_read_verbatim(tmp_path):
             (1, 5, 6, "Plain first .", "Plain second .")]
     path = write_glue(tmp_path / "train.tsv", rows, bom=True)
     assert path.read_bytes().startswith(b"\xef\xbb\xbf")
-    out = data.read_glue_tsv(path)
+    out = read_glue_tsv(path)
     assert out["label"] == [1, 0, 1]
     assert out["sentence1"] == [r[3] for r in rows]
     assert out["sentence2"][1] == "And another line ends it \" ."
@@ -28,8 +32,8 @@ def test_bom_and_stray_quotes_are_read_verbatim(tmp_path):
 
 
 def test_file_without_bom_reads_the_same(tmp_path):
-    a = data.read_glue_tsv(write_glue(tmp_path / "a.tsv", pairs(5), bom=True))
-    b = data.read_glue_tsv(write_glue(tmp_path / "b.tsv", pairs(5), bom=False))
+    a = read_glue_tsv(write_glue(tmp_path / "a.tsv", pairs(5), bom=True))
+    b = read_glue_tsv(write_glue(tmp_path / "b.tsv", pairs(5), bom=False))
     assert a == b and len(a["label"]) == 5
 
 
@@ -37,34 +41,34 @@ def test_wrong_column_count_names_file_and_line(tmp_path):
     path = tmp_path / "train.tsv"
     path.write_text(GLUE_HEADER + "\n1\t1\t2\tfirst\tsecond\n0\t3\t4\tonly one sentence\n", encoding="utf-8-sig")
     with pytest.raises(UserError, match=r"train\.tsv:3: expected 5 tab-separated columns, found 4"):
-        data.read_glue_tsv(path)
+        read_glue_tsv(path)
 
 
 @pytest.mark.parametrize("label", ["2", "-1", "yes", ""])
 def test_labels_must_be_0_or_1(tmp_path, label):
     path = write_glue(tmp_path / "dev.tsv", [(1, 1, 2, "a", "b"), (label, 3, 4, "c", "d")])
     with pytest.raises(UserError, match=r"dev\.tsv:3: label .* is not 0 or 1"):
-        data.read_glue_tsv(path)
+        read_glue_tsv(path)
 
 
 def test_empty_file_and_header_only_are_errors(tmp_path):
     empty = tmp_path / "empty.tsv"
     empty.write_text("", encoding="utf-8")
     with pytest.raises(UserError, match="is empty"):
-        data.read_glue_tsv(empty)
+        read_glue_tsv(empty)
     with pytest.raises(UserError, match="has no rows"):
-        data.read_glue_tsv(write_glue(tmp_path / "header.tsv", []))
+        read_glue_tsv(write_glue(tmp_path / "header.tsv", []))
 
 
 def test_glue_unlabelled_test_file_is_refused_with_advice(tmp_path):
     path = write_glue(tmp_path / "test.tsv", [(0, 1, 2, "a", "b")], header="index\t#1 ID\t#2 ID\t#1 String\t#2 String")
     with pytest.raises(UserError, match="no column 'Quality'.*eval_split=validation"):
-        data.read_glue_tsv(path)
+        read_glue_tsv(path)
 
 
 def test_folder_splits_and_limits(glue_dir):
     cfg = compose("dataset=mrpc", f"dataset.data_dir={glue_dir}", "dataset.max_train_samples=10").dataset
-    splits = data.load_splits(cfg)
+    splits = load_splits(cfg)
     assert len(splits["train"]) == 10 and len(splits["eval"]) == 16
     assert set(splits["train"].column_names) == {"sentence1", "sentence2", "label"}
 
@@ -72,32 +76,32 @@ def test_folder_splits_and_limits(glue_dir):
 def test_missing_dev_file_and_bad_data_dir(glue_dir, tmp_path):
     (glue_dir / "dev.tsv").unlink()
     with pytest.raises(UserError, match=r"dev\.tsv not found"):
-        data.load_splits(compose("dataset=mrpc", f"dataset.data_dir={glue_dir}").dataset)
+        load_splits(compose("dataset=mrpc", f"dataset.data_dir={glue_dir}").dataset)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     with pytest.raises(UserError, match="is not a directory"):
-        data.load_splits(compose("dataset=mrpc", f"dataset.data_dir={a_file}").dataset)
+        load_splits(compose("dataset=mrpc", f"dataset.data_dir={a_file}").dataset)
 
 
 def test_hub_offline_fails_fast_with_advice(monkeypatch):
     import time
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    data.hub.reachable.cache_clear()
+    network.hub_reachable.cache_clear()
     start = time.monotonic()
     with pytest.raises(UserError, match="set dataset.data_dir=DIR .* or use dataset=paraphrase_sample"):
-        data.load_splits(compose("dataset=mrpc").dataset)
+        load_splits(compose("dataset=mrpc").dataset)
     assert time.monotonic() - start < 10
 
 
 def test_shipped_sample_is_what_the_generator_writes(tmp_path):
-    sample_data.main(tmp_path)
+    sample.main(tmp_path)
     for name in ("train.tsv", "dev.tsv"):
-        assert (tmp_path / name).read_bytes() == (data.SAMPLE_DIR / "paraphrase_sample" / name).read_bytes()
+        assert (tmp_path / name).read_bytes() == (SAMPLE_DIR / "paraphrase_sample" / name).read_bytes()
 
 
 def test_shipped_sample_is_balanced_and_pairs_differ():
-    splits = data.load_splits(compose().dataset)
+    splits = load_splits(compose().dataset)
     assert (len(splits["train"]), len(splits["eval"])) == (800, 200)
     for split in splits.values():
         positive = sum(split["label"]) / len(split)
@@ -107,8 +111,8 @@ def test_shipped_sample_is_balanced_and_pairs_differ():
 
 @pytest.mark.skipif(not SHARED_MRPC.is_dir(), reason="needs ../shared/data/mrpc")
 def test_real_mrpc_files():
-    train = data.read_glue_tsv(SHARED_MRPC / "train.tsv")
-    dev = data.read_glue_tsv(SHARED_MRPC / "dev.tsv")
+    train = read_glue_tsv(SHARED_MRPC / "train.tsv")
+    dev = read_glue_tsv(SHARED_MRPC / "dev.tsv")
     assert (len(train["label"]), len(dev["label"])) == (3667, 408)
     raw = (SHARED_MRPC / "train.tsv").read_text(encoding="utf-8-sig").splitlines()[1:]
     assert sum(train["label"]) == sum(line.startswith("1\t") for line in raw)
@@ -123,8 +127,8 @@ def test_dynamic_padding_pads_each_batch_to_its_longest(glue_dir):
 
     cfg = compose("dataset=mrpc", f"dataset.data_dir={glue_dir}")
     tok = models.load_tokenizer(cfg.model)
-    dynamic = data.tokenize(data.load_splits(cfg.dataset), tok, 128, pad_to_max_length=False)
-    fixed = data.tokenize(data.load_splits(cfg.dataset), tok, 128, pad_to_max_length=True)
+    dynamic = tokenize(load_splits(cfg.dataset), tok, 128, pad_to_max_length=False)
+    fixed = tokenize(load_splits(cfg.dataset), tok, 128, pad_to_max_length=True)
     lengths = {len(x) for x in dynamic["train"]["input_ids"]}
     assert max(lengths) < 128 and all(len(x) == 128 for x in fixed["train"]["input_ids"])
     batch = DataCollatorWithPadding(tok)([dynamic["train"][i] for i in range(8)])

@@ -2,6 +2,8 @@
 writes a checkpoint, and determinism of the loss trace."""
 from __future__ import annotations
 
+import pytest
+
 import os
 import signal
 import subprocess
@@ -9,13 +11,16 @@ import time
 
 import psutil
 import torch
-from conftest import OFFLINE_ENV, compose, run_cli
-from reliability_helpers import (RESUMABLE, complete_steps, kill_group, loss_trace, metrics, start_cli,
-                                 uninterrupted, wait_for)
 from safetensors.torch import load_file
 
-from nlpwf import PROJECT_ROOT, checkpoints, cli, distributed
 from nlpwf.errors import PeerLost
+from nlpwf.runtime import contract, jobfile, workers
+from nlpwf.training import checkpoints
+
+from conftest import OFFLINE_ENV, compose, run_cli
+from reliability_helpers import RESUMABLE, complete_steps, kill_group, loss_trace, metrics, start_cli, uninterrupted, wait_for
+
+pytestmark = pytest.mark.slow  # every test here trains end to end
 
 __all__ = ["uninterrupted"]  # a shared fixture
 
@@ -75,11 +80,11 @@ def test_a_stalled_rank_makes_its_peer_exit_after_the_group_timeout(tmp_path):
     job = tmp_path / "job"
     job.mkdir()
     cfg = compose(*RESUMABLE, f"training.ddp_timeout={timeout_s}")
-    command = cli.worker_command(cli.write_job_config(cfg, job / cli.JOB_CONFIG), job)
-    port = distributed.free_port()
-    procs = [subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=open(tmp_path / f"rank{r}.log", "w"),
+    command = jobfile.worker_command(jobfile.write_job_config(cfg, job / jobfile.JOB_CONFIG), job)
+    port = workers.free_port()
+    procs = [subprocess.Popen(command, cwd=tmp_path, stdout=open(tmp_path / f"rank{r}.log", "w"),
                               stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, **OFFLINE_ENV, **distributed.contract_env(r, r, 0, 2, 2, port, 1)})
+                              env={**os.environ, **OFFLINE_ENV, **contract.contract_env(r, r, 0, 2, 2, port, 1)})
              for r in range(2)]
     try:
         wait_for(lambda: complete_steps(job), procs[0], timeout=300)

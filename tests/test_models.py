@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose
-from nlpwf import hub, models
+from nlpwf import models
 from nlpwf.errors import UserError
+from nlpwf.runtime import network
+
+from conftest import compose
 
 
 def test_minilm_loads_offline_from_its_package():
@@ -45,14 +47,14 @@ def test_max_positions_without_loading_weights():
 
 def test_hub_model_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hub.reachable.cache_clear()
+    network.hub_reachable.cache_clear()
     with pytest.raises(UserError, match="Hub is unreachable.*use model=minilm_l6"):
         models.max_positions(compose("model=bert_base_uncased").model)
 
 
 def test_folder_that_is_not_a_saved_model(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
-    with pytest.raises(UserError, match="does not hold a saved"):
+    with pytest.raises(UserError, match="does not hold a loadable model"):
         models.load_model(compose(f"model.source={tmp_path}").model)
 
 

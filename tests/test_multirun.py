@@ -17,6 +17,7 @@ def test_launcher_plugin_is_discovered():
     assert "NlpwfLocalLauncher" in names
 
 
+@pytest.mark.slow
 def test_basic_sweep_writes_job_dirs_and_summary(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli("--multirun", *TINY, "training.learning_rate=2e-5,5e-5", f"hydra.sweep.dir={sweep}")
@@ -33,6 +34,7 @@ def test_basic_sweep_writes_job_dirs_and_summary(tmp_path):
     assert "best eval_accuracy" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     sweep = tmp_path / "optuna"
     proc = run_cli(*TINY, "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}")
@@ -54,10 +56,10 @@ def test_summary_status_says_when_a_job_did_not_train_here(tmp_path, launcher, e
     from hydra.core.utils import JobReturn, JobStatus
     from omegaconf import OmegaConf
 
-    from nlpwf import sweep
+    from nlpwf.results import summary
 
     cfg = OmegaConf.create({"hydra": {"launcher": launcher, "runtime": {"output_dir": str(tmp_path)}, "job": {"num": 0}}})
     run = JobReturn(overrides=["nodes=2"], status=JobStatus.COMPLETED, hydra_cfg=cfg)
-    assert sweep.row(run)["status"] == expected
+    assert summary.row(run)["status"] == expected
     (tmp_path / "metrics.json").write_text('{"eval_accuracy": 0.8}')  # results came back: trained
-    assert sweep.row(run)["status"] == "COMPLETED"
+    assert summary.row(run)["status"] == "COMPLETED"

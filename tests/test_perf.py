@@ -1,6 +1,6 @@
 """The CPU fast settings are applied, and change speed, not results.
 
-Runs train through the CLI and reads what nlpwf/perf.py recorded in metrics.json: the dtype
+Runs train through the CLI and reads what nlpwf/training/recorder.py recorded in metrics.json: the dtype
 of the first Linear's output inside the autocast region, every training batch's padded and
 real lengths, and each rank's threads and cores. No timing assertions: the machine is shared.
 """
@@ -14,10 +14,12 @@ import sys
 
 import pytest
 
-from conftest import TINY, run_cli
-from nlpwf import distributed, perf
-from nlpwf.distributed import Rank
 from nlpwf.errors import UserError
+from nlpwf.runtime import threads
+from nlpwf.runtime.contract import Rank
+from nlpwf.training import cpu
+
+from conftest import TINY, run_cli
 
 # Enough pairs that group_by_length's mega-batches (up to 50 batches) hold many batches.
 SHAPES = ["model=tiny_bert", "dataset.max_train_samples=400", "dataset.max_eval_samples=16", "training.num_train_epochs=1",
@@ -42,34 +44,34 @@ def losses(job) -> list[float]:
 
 def test_core_sets_are_disjoint_and_cover_the_node():
     cpus = set(range(16))
-    sets = [perf.cores_for_rank(r, 4, cpus) for r in range(4)]
+    sets = [cpu.cores_for_rank(r, 4, cpus) for r in range(4)]
     assert all(len(s) == 4 for s in sets)
     assert set().union(*sets) == cpus and sum(map(len, sets)) == 16
     assert sets[1] == {4, 5, 6, 7}  # contiguous blocks: neighbours share caches
     # More processes than cores: shared round-robin, never an empty set.
-    assert [perf.cores_for_rank(r, 3, {0, 1}) for r in range(3)] == [{0}, {1}, {0}]
+    assert [cpu.cores_for_rank(r, 3, {0, 1}) for r in range(3)] == [{0}, {1}, {0}]
 
 
 def test_emulated_nodes_on_one_machine_share_its_cores(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    assert perf.slot_on_machine(Rank(rank=1, local_rank=0, world_size=2, node_rank=1), 1) == (1, 2)
+    assert cpu.slot_on_machine(Rank(rank=1, local_rank=0, world_size=2, node_rank=1), 1) == (1, 2)
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.4")  # a real cluster: only this node's ranks share it
-    assert perf.slot_on_machine(Rank(rank=5, local_rank=1, world_size=8, node_rank=2), 4) == (1, 4)
+    assert cpu.slot_on_machine(Rank(rank=5, local_rank=1, world_size=8, node_rank=2), 4) == (1, 4)
 
 
-@pytest.mark.skipif(perf.find_allocator() is None, reason="no jemalloc or tcmalloc installed (apt-get install libjemalloc2)")
+@pytest.mark.skipif(cpu.find_allocator() is None, reason="no jemalloc or tcmalloc installed (apt-get install libjemalloc2)")
 def test_preloaded_allocator_is_detected():
-    code = "from nlpwf import perf; print(perf.loaded_allocator())"
+    code = "from nlpwf.training import cpu; print(cpu.loaded_allocator())"
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "LD_PRELOAD": ""})
-    preloaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **perf.preload_env()})
+    preloaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **cpu.preload_env()})
     assert plain.stdout.strip() == "system"
     assert preloaded.stdout.strip() in ("jemalloc", "tcmalloc"), preloaded.stderr[-2000:]
 
 
 def test_unknown_comm_hook_is_refused():
-    assert perf.comm_hook("bf16").__name__ == "bf16_compress_hook"
+    assert cpu.comm_hook("bf16").__name__ == "bf16_compress_hook"
     with pytest.raises(UserError, match="perf.ddp_comm_hook=int4"):
-        perf.comm_hook("int4")
+        cpu.comm_hook("int4")
 
 
 # ---- one process: autocast dtype, batch shapes, same loss ----------------------------------
@@ -84,6 +86,7 @@ def shape_runs(tmp_path_factory):
     }.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run,dtype", [("dynamic_grouped", "bfloat16"), ("pad128", "float32")])
 def test_autocast_region_runs_in_the_chosen_dtype(shape_runs, run, dtype):
     metrics, job = shape_runs[run]
@@ -94,6 +97,7 @@ def test_autocast_region_runs_in_the_chosen_dtype(shape_runs, run, dtype):
         assert (job / "nlpwf.log").read_text().count("Intel Extension for PyTorch is not installed") == 1
 
 
+@pytest.mark.slow
 def test_seed_recipe_pads_every_batch_to_128(shape_runs):
     m = shape_runs["pad128"][0]
     assert m["perf_train_batches"] == 50
@@ -101,6 +105,7 @@ def test_seed_recipe_pads_every_batch_to_128(shape_runs):
     assert m["perf_padding_fraction"] > 0.6
 
 
+@pytest.mark.slow
 def test_dynamic_padding_pads_each_batch_to_its_longest_pair(shape_runs):
     for name in ("dynamic_random", "dynamic_grouped"):
         m = shape_runs[name][0]
@@ -109,6 +114,7 @@ def test_dynamic_padding_pads_each_batch_to_its_longest_pair(shape_runs):
         assert m["perf_max_padded_length"] < 128 and m["perf_mean_padded_length"] < 64
 
 
+@pytest.mark.slow
 def test_length_grouping_makes_batches_homogeneous(shape_runs):
     grouped, shuffled = shape_runs["dynamic_grouped"][0], shape_runs["dynamic_random"][0]
     assert grouped["perf_mean_length_spread"] < 0.4 * shuffled["perf_mean_length_spread"]
@@ -120,7 +126,6 @@ def loss_runs(tmp_path_factory):
     """The same tiny run three ways: the seed's pad-to-128 fp32, dynamic padding fp32, and
     dynamic padding bf16. Same sampler and no dropout (its masks depend on the padded shape),
     so only padding and precision differ."""
-    tmp = tmp_path_factory.mktemp("losses")
     args = [*TINY, "training.train_sampling_strategy=random", "training.learning_rate=1e-3",
             "+model.config.hidden_dropout_prob=0", "+model.config.attention_probs_dropout_prob=0"]
     runs = {"seed": ["dataset.pad_to_max_length=true", "precision=fp32"],
@@ -129,6 +134,7 @@ def loss_runs(tmp_path_factory):
     return {name: losses(train(tmp_path_factory.mktemp(name), name, *args, *extra)[1]) for name, extra in runs.items()}
 
 
+@pytest.mark.slow
 def test_dynamic_padding_gives_the_same_losses_as_padding_to_128(loss_runs):
     """Padding is masked out: per-step losses agree to float rounding."""
     a, b = loss_runs["seed"], loss_runs["dynamic_fp32"]
@@ -136,6 +142,7 @@ def test_dynamic_padding_gives_the_same_losses_as_padding_to_128(loss_runs):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
 
 
+@pytest.mark.slow
 def test_fast_and_seed_recipes_reach_the_same_loss(loss_runs):
     """bf16 autocast with dynamic padding follows the seed's fp32 pad-to-128 losses within 0.02
     per step (bf16 keeps 8 mantissa bits; the weights and optimizer stay fp32), and the loss moves."""
@@ -155,10 +162,11 @@ def ddp_runs(tmp_path_factory):
             for ga in (1, 2)}
 
 
+@pytest.mark.slow
 def test_workers_get_their_share_of_threads_and_disjoint_cores(ddp_runs):
     metrics, _, _ = ddp_runs[1]
     procs = metrics["perf_processes"]
-    expected = distributed.threads_per_process(None, 2)
+    expected = threads.threads_per_process(None, 2)
     assert len(procs) == 2
     for p in procs:
         assert p["torch_threads"] == expected and p["omp_num_threads"] == str(expected)
@@ -167,6 +175,7 @@ def test_workers_get_their_share_of_threads_and_disjoint_cores(ddp_runs):
         assert a and b and not a & b
 
 
+@pytest.mark.slow
 def test_bf16_gradient_compression_hook_is_registered(ddp_runs):
     metrics, _, _ = ddp_runs[1]
     assert metrics["perf_ddp_comm_hook"] == "bf16" and metrics["perf_ddp_comm_hook_calls"] > 0
@@ -174,6 +183,7 @@ def test_bf16_gradient_compression_hook_is_registered(ddp_runs):
     assert digests[0] == digests[1]  # compressed gradients, still identical replicas
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_skips_the_allreduce(ddp_runs):
     """Trainer runs non-final micro-batches under accelerate's no_sync: with 2 accumulation steps
     the hook (one call per bucket per all-reduce) runs once per optimizer step, not per batch."""

@@ -10,17 +10,20 @@ import json
 import pytest
 import torch
 
+from nlpwf.errors import UserError
+from nlpwf.inference import int8
+from nlpwf.inference.classifier import Classifier
+from nlpwf.inference.load import load_classifier, load_fp32
+from nlpwf.stages import evaluate, quantize
+
 from conftest import compose
 from serving_helpers import save_tiny_model, sentence_pairs
-
-from nlpwf import inference, int8, quantize
-from nlpwf.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-    classifier = inference.load_classifier(str(folder), "test", max_length=64)
+    classifier = load_classifier(str(folder), "test", max_length=64)
     pairs = sentence_pairs(48)
     s1, s2 = [a for a, _ in pairs], [b for _, b in pairs]
     calibration = [inputs for _, inputs in classifier.batches(s1[:32], s2[:32], 8)]
@@ -29,7 +32,7 @@ def tiny(tmp_path_factory):
 
 
 def _logits(forward, classifier, probe):
-    return inference.Classifier(forward, classifier.tokenizer, classifier.max_length).logits(*probe, batch_size=8)
+    return Classifier(forward, classifier.tokenizer, classifier.max_length).logits(*probe, batch_size=8)
 
 
 def _correlation(a, b) -> float:
@@ -45,7 +48,7 @@ def test_inc_static_without_calibration_outputs_a_constant_and_nlpwf_refuses(tin
     assert fp32.std(axis=0).min() > 0.05  # the fp32 model's logits do vary with the input
 
     # INC itself: prepare then convert with no calibration pass converts without complaint...
-    prepared = prepare(int8.export(inference.load_fp32(folder), calibration[0]), StaticQuantConfig())
+    prepared = prepare(int8.export(load_fp32(folder), calibration[0]), StaticQuantConfig())
     assert int8.uncalibrated_observers(prepared)
     uncalibrated = _logits(convert(prepared), classifier, probe)
     # ...but its observers kept their defaults (scale 1, zero point 0): every activation is
@@ -53,12 +56,12 @@ def test_inc_static_without_calibration_outputs_a_constant_and_nlpwf_refuses(tin
     assert (uncalibrated == uncalibrated.round()).all() and not (fp32 == fp32.round()).all()
 
     # nlpwf refuses a calibration pass with no data, in one line naming the fix.
-    prepared = prepare(int8.export(inference.load_fp32(folder), calibration[0]), StaticQuantConfig())
+    prepared = prepare(int8.export(load_fp32(folder), calibration[0]), StaticQuantConfig())
     with pytest.raises(UserError, match="calibration_samples"):
         int8.calibrate(prepared, [])
 
     # Calibrated, the same backend tracks fp32 closely, far closer than the uncalibrated graph.
-    calibrated = _logits(int8.quantize(inference.load_fp32(folder), "inc_static", calibration), classifier, probe)
+    calibrated = _logits(int8.quantize(load_fp32(folder), "inc_static", calibration), classifier, probe)
     assert int8.uncalibrated_observers(prepared)  # the refused pass left it untouched
     assert _correlation(calibrated, fp32) > 0.9
     assert abs(uncalibrated - fp32).mean() > 5 * abs(calibrated - fp32).mean()
@@ -68,7 +71,7 @@ def test_inc_static_without_calibration_outputs_a_constant_and_nlpwf_refuses(tin
 @pytest.mark.parametrize("backend", ["inc_static", "torch_dynamic"])
 def test_quantized_model_saves_and_loads_back_with_identical_predictions(tiny, tmp_path, backend):
     folder, classifier, calibration, probe = tiny
-    qmodel = int8.quantize(inference.load_fp32(folder), backend, calibration)
+    qmodel = int8.quantize(load_fp32(folder), backend, calibration)
     before = _logits(qmodel, classifier, probe)
     out = tmp_path / "model_int8"
     out.mkdir()
@@ -76,7 +79,7 @@ def test_quantized_model_saves_and_loads_back_with_identical_predictions(tiny, t
 
     assert int8.manifest(out)["backend"] == backend
     # Loaded the way the stages load a model_path: it is recognised as INT8 and scores the same.
-    loaded = inference.load_classifier(str(out), "test", max_length=64, compile=False)
+    loaded = load_classifier(str(out), "test", max_length=64, compile=False)
     assert loaded.name == backend
     after = loaded.logits(*probe, batch_size=8)
     assert torch.equal(torch.tensor(before), torch.tensor(after))
@@ -86,7 +89,7 @@ def test_quantized_model_saves_and_loads_back_with_identical_predictions(tiny, t
 
 def test_torch_dynamic_replaces_every_linear_and_keeps_accuracy_close(tiny):
     folder, classifier, _, probe = tiny
-    qmodel = int8.torch_dynamic(inference.load_fp32(folder))
+    qmodel = int8.torch_dynamic(load_fp32(folder))
     dynamic = torch.ao.nn.quantized.dynamic.Linear
     assert not [m for m in qmodel.modules() if type(m) is torch.nn.Linear]
     assert sum(isinstance(m, dynamic) for m in qmodel.modules()) == sum(type(m) is torch.nn.Linear for m in classifier.forward.modules())
@@ -112,8 +115,6 @@ def test_quantize_config_mistakes_are_one_line_errors(override, message):
 
 
 def test_quantize_stage_publishes_a_model_that_evaluate_and_predict_serve(tmp_path):
-    from nlpwf import evaluate
-
     folder = save_tiny_model(tmp_path / "model")
     cfg = compose("stage=quantize", f"stage.model_path={folder}", "stage.backend=torch_dynamic",
                   "stage.calibration_samples=16", "stage.tolerance=100",
@@ -143,11 +144,11 @@ def test_inc_tuning_returns_the_best_trial_and_stops_at_the_tolerance(tiny):
     scored = []
 
     def accuracy(candidate) -> float:
-        value = (inference.Classifier(candidate, classifier.tokenizer, 64).predict(s1, s2)[0] == labels).mean()
+        value = (Classifier(candidate, classifier.tokenizer, 64).predict(s1, s2)[0] == labels).mean()
         scored.append(float(value))
         return float(value)
 
-    tuned = int8.inc_tune(inference.load_fp32(folder), "inc_static", calibration, accuracy,
+    tuned = int8.inc_tune(load_fp32(folder), "inc_static", calibration, accuracy,
                           int8.relative_tolerance(5.0, 1.0), max_trials=4)
     baseline, trials = scored[0], scored[1:]
     assert baseline == 1.0 and 1 <= len(trials) <= 4  # INC scored the fp32 graph, then its INT8 trials

@@ -7,9 +7,12 @@ import os
 import pty
 
 import pytest
-from conftest import TINY, compose, run_cli
 
-from nlpwf import console, plots, tracking
+from nlpwf.results import plots
+from nlpwf.runtime import console
+from nlpwf.training import tracking
+
+from conftest import TINY, compose, run_cli
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a wandb API key, not a real one
 
@@ -25,6 +28,7 @@ def tracked(tmp_path_factory):
     return root, job, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_mlflow_run_in_a_sqlite_store_beside_the_job(tracked):
     from mlflow import MlflowClient
 
@@ -45,6 +49,7 @@ def test_mlflow_run_in_a_sqlite_store_beside_the_job(tracked):
     assert not (root / "mlruns").exists()
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_in_the_job_dir_without_the_key(tracked):
     root, job, out = tracked
     runs = list((job / "wandb").glob("offline-run-*"))
@@ -55,6 +60,7 @@ def test_wandb_offline_run_in_the_job_dir_without_the_key(tracked):
     assert FAKE_KEY not in out  # nor in the output
 
 
+@pytest.mark.slow
 def test_run_plot_and_line_progress(tracked):
     _, job, out = tracked
     png = (job / plots.RUN_PLOT).read_bytes()
@@ -74,7 +80,8 @@ def test_wandb_is_offline_unless_a_key_is_set():
 def test_mlflow_uses_azure_tracking_uri_when_set(tmp_path, monkeypatch):
     cfg = compose("logger=mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.mlflow_uri(cfg.logger.mlflow, tmp_path / "outputs" / "day" / "time") == f"sqlite:///{tmp_path / 'outputs' / 'day' / 'mlflow.db'}"
+    expected = f"sqlite:///{tmp_path / 'outputs' / 'day' / 'mlflow.db'}"
+    assert tracking.mlflow_uri(cfg.logger.mlflow, tmp_path / "outputs" / "day" / "time") == expected
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "azureml://eastus.api.azureml.ms/mlflow/v1.0/subscriptions/x")
     assert tracking.mlflow_uri(cfg.logger.mlflow, tmp_path / "job").startswith("azureml://")
 

@@ -7,8 +7,12 @@ import json
 import pytest
 import torch
 
+from nlpwf.runtime import threads
+
 from conftest import TINY, run_cli
-from nlpwf import distributed
+
+pytestmark = pytest.mark.slow  # every test here trains end to end
+
 
 @pytest.fixture(scope="module")
 def minilm_job(tmp_path_factory):
@@ -69,7 +73,7 @@ def test_ddp_two_processes(tmp_path, layout):
     assert metrics["world_size"] == 2 and metrics["backend"] in ("gloo", "ccl")
     digests = metrics["parameter_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    assert metrics["threads_per_process"] == max(1, distributed.physical_cores() // 2)  # cores shared, not oversubscribed
+    assert metrics["threads_per_process"] == max(1, threads.physical_cores() // 2)  # cores shared, not oversubscribed
     # Rank 0 alone writes: one completion line, from rank 0.
     done = [line for line in proc.stdout.splitlines() if "model and metrics in" in line]
     assert len(done) == 1 and done[0].startswith("[rank 0]")

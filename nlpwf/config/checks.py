@@ -54,7 +54,8 @@ def _check(key: str, value, t: type, nullable: bool, example) -> None:
 
 def _scalar_type(annotation) -> tuple[type | None, bool]:
     """(int/float/bool, accepts None) for a simple annotation; (None, _) for anything else."""
-    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
+    union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+    args = typing.get_args(annotation) if union else (annotation,)
     nullable = type(None) in args
     scalars = [a for a in args if a in (int, float, bool)]
     if len(scalars) != 1 or any(a not in (int, float, bool, type(None)) for a in args):

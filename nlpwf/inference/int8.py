@@ -98,7 +98,8 @@ def calibrate(prepared: torch.nn.Module, batches: Sequence[Batch]) -> None:
             prepared(*batch)
     missing = uncalibrated_observers(prepared)
     if missing:
-        raise RuntimeError(f"calibration left {len(missing)} observer(s) without data (e.g. {missing[0]}): the INT8 model would output constants")
+        raise RuntimeError(f"calibration left {len(missing)} observer(s) without data (e.g. {missing[0]}): "
+                           "the INT8 model would output constants")
 
 
 def inc_quantize(model: torch.nn.Module, backend: str, calibration: Sequence[Batch], config=None):

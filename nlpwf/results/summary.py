@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import Sequence
 
 from hydra.core.utils import JobReturn, JobStatus
 
@@ -16,13 +16,13 @@ SUMMARY_FILE = "summary.csv"
 METRIC_COLUMNS = ["eval_accuracy", "eval_f1", "eval_loss", "train_loss", "train_runtime", "train_samples_per_second"]
 
 
-def row(run: JobReturn) -> dict:
+def row(run: JobReturn, label: str | None = None) -> dict:
     job_dir = Path(run.hydra_cfg.hydra.runtime.output_dir) if run.hydra_cfg else None
     metrics = (files.read_metrics(job_dir) if job_dir else None) or {}
     out = {
         "job": run.hydra_cfg.hydra.job.num if run.hydra_cfg else "",
         "overrides": " ".join(run.overrides or []),
-        "status": status(run, metrics),
+        "status": status(run, metrics, label),
     }
     out.update({k: metrics.get(k, "") for k in METRIC_COLUMNS})
     # A failed job's exception: JobReturn.return_value re-raises it (and writes to stderr), so the
@@ -32,16 +32,13 @@ def row(run: JobReturn) -> dict:
     return out
 
 
-def status(run: JobReturn, metrics: dict) -> str:
-    """Hydra's status, except where the task ended without training: an Azure ML dry run, or a
-    job submitted without waiting for it (it may still fail in Azure)."""
-    if run.status != JobStatus.COMPLETED or metrics or not run.hydra_cfg:
-        return run.status.name
-    launcher = run.hydra_cfg.hydra.get("launcher") or {}
-    if launcher.get("dry_run"):
-        return "DRY_RUN"
-    if "dry_run" in launcher and not launcher.get("emulate") and not launcher.get("wait"):  # the Azure ML launcher
-        return "SUBMITTED"
+def status(run: JobReturn, metrics: dict, label: str | None = None) -> str:
+    """Hydra's status, or the launcher's `label` for a job that completed without training here
+    (the Azure ML launcher's DRY_RUN, or SUBMITTED when it does not wait). Metrics that came
+    back mean the job trained: COMPLETED. The launcher decides the label; nothing here reads
+    the launcher's settings."""
+    if label and run.status == JobStatus.COMPLETED and not metrics:
+        return label
     return run.status.name
 
 
@@ -53,8 +50,8 @@ class Summary:
         self.objective = objective
         self.rows: list[dict] = []
 
-    def add(self, runs: Iterable[JobReturn]) -> None:
-        self.rows.extend(row(r) for r in runs)
+    def add(self, runs: Sequence[JobReturn], labels: Sequence[str | None] | None = None) -> None:
+        self.rows.extend(row(r, label) for r, label in zip(runs, labels or [None] * len(runs)))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         files.write_csv(self.path, self.rows, list(self.rows[0]))
         plots.sweep(self.rows, self.objective, self.path.parent / plots.SWEEP_PLOT)

@@ -15,13 +15,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nlpwf import models
 from nlpwf.data.splits import load_splits
+from nlpwf.errors import UserError
 from nlpwf.inference import int8
 from nlpwf.inference.classifier import Classifier, tensors
 from nlpwf.inference.load import load_fp32
@@ -29,7 +29,6 @@ from nlpwf.results import files
 from nlpwf.stages.evaluate import score
 from nlpwf.stages.quantize import calibration_batches
 from nlpwf.stages.serving import serving_threads
-from nlpwf.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from nlpwf.errors import UserError
 from nlpwf.inference import pairfiles
 from nlpwf.inference.load import load_classifier
 from nlpwf.results import files
 from nlpwf.stages.serving import serving_threads
-from nlpwf.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
         "input": str(reader.path), "output": str(target), "chunk_rows": stage.chunk_rows, "threads": threads,
     }
     files.write_json(Path(job_dir) / files.METRICS_FILE, result)
-    log.info("%d pairs in %.1f s (%.1f pairs/s, peak RSS %.0f MB) -> %s", rows, seconds, result["pairs_per_second"], result["peak_rss_mb"], target)
+    log.info("%d pairs in %.1f s (%.1f pairs/s, peak RSS %.0f MB) -> %s", rows, seconds, result["pairs_per_second"],
+             result["peak_rss_mb"], target)
     return result
 
 

@@ -16,13 +16,13 @@ from omegaconf import DictConfig
 
 from nlpwf import models
 from nlpwf.data.splits import load_splits
+from nlpwf.errors import UserError
 from nlpwf.inference import int8
 from nlpwf.inference.classifier import Classifier
 from nlpwf.inference.load import load_fp32
 from nlpwf.results import files
 from nlpwf.stages.evaluate import score
 from nlpwf.stages.serving import serving_threads
-from nlpwf.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,12 @@ INC_BACKENDS = ("inc_static", "inc_dynamic")
 def check(stage: DictConfig) -> None:
     int8.check_backend(stage.backend)
     if stage.calibration_samples < 1:
-        raise UserError(f"stage.calibration_samples={stage.calibration_samples}: INT8 needs a calibration pass; use 1 or more (256 is plenty)")
+        raise UserError(f"stage.calibration_samples={stage.calibration_samples}: INT8 needs a calibration pass; "
+                        "use 1 or more (256 is plenty)")
     if not 0 <= stage.tolerance <= 100:
         raise UserError(f"stage.tolerance={stage.tolerance}: give the accuracy points INT8 may lose, e.g. 1.0")
     if stage.tune and stage.backend not in INC_BACKENDS:
-        raise UserError(f"stage.tune=true needs an INC backend (INC does the tuning): use stage.backend=inc_static or inc_dynamic")
+        raise UserError("stage.tune=true needs an INC backend (INC does the tuning): use stage.backend=inc_static or inc_dynamic")
     if stage.get("max_trials", 1) < 1:
         raise UserError(f"stage.max_trials={stage.max_trials}: use 1 or more")
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 from transformers import TrainerCallback, set_seed
 
+from nlpwf import models
 from nlpwf.config.checks import check_job
 from nlpwf.data.splits import load_splits
 from nlpwf.data.tokenize import tokenize
 from nlpwf.errors import Interrupted
-from nlpwf import models
 from nlpwf.results import files, plots
 from nlpwf.runtime import collective, contract, jobfile, threads, workers
 from nlpwf.runtime.peers import peer_loss

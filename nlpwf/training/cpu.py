@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from nlpwf.errors import UserError
 from nlpwf.runtime import collective
 
@@ -143,7 +144,7 @@ def setup_process(cfg, rank, local_world: int, threads: int) -> ProcessSettings:
     allocator = loaded_allocator()
     if allocator == "system" and local_rank == 0:
         hint = find_allocator()
-        log.info("allocator: system malloc%s", f" ({hint} is installed: see README, Performance, to preload it)" if hint else "")
+        log.info("allocator: system malloc%s", f" ({hint} is installed: see docs/performance.md to preload it)" if hint else "")
     return ProcessSettings(threads=threads, cores=sorted(cpus), affinity=mode, allocator=allocator)
 
 
@@ -192,7 +193,8 @@ def main() -> None:
     env = preload_env()
     print(f"cores: {len(physical_core_groups(os.sched_getaffinity(0)))} physical, {os.cpu_count()} logical")
     print(f"allocator in this process: {loaded_allocator()}")
-    print(f"preload: export LD_PRELOAD={env['LD_PRELOAD']}" if env else "preload: no jemalloc or tcmalloc installed (apt-get install libjemalloc2)")
+    none = "preload: no jemalloc or tcmalloc installed (apt-get install libjemalloc2)"
+    print(f"preload: export LD_PRELOAD={env['LD_PRELOAD']}" if env else none)
     print(f"IPEX: {'available' if ipex_module() else 'not installed or not built for torch ' + torch.__version__}")
     print(f"DDP backend: {collective.backend()}")
 

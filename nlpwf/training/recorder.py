@@ -25,9 +25,9 @@ class Recorder(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         model = self.trainer.model
-        # Python hooks inside a compiled region would break its graph on every step: record nothing.
+        # A Python hook inside a compiled region would break its graph on every step: the dtype
+        # is recorded in eager runs only (batch shapes come from on_train_batch either way).
         if not self._handles and not args.torch_compile:
-            self._handles.append(model.register_forward_pre_hook(self._record_batch, with_kwargs=True))
             first_linear = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
             if first_linear is not None:
                 self._handles.append(first_linear.register_forward_hook(self._record_dtype))
@@ -47,10 +47,9 @@ class Recorder(TrainerCallback):
         wrapped.register_comm_hook(state=None, hook=counted)
         self.settings.comm_hook = self.hook_name
 
-    def _record_batch(self, module, args, kwargs):
-        shape = batch_shape(module, kwargs)
-        if shape is not None:
-            self.batches.append(shape)
+    def on_train_batch(self, inputs) -> None:  # called by trainer.ObservedTrainer
+        if inputs.get("attention_mask") is not None:
+            self.batches.append(mask_shape(inputs["attention_mask"]))
 
     def _record_dtype(self, module, inputs, output):
         if module.training and self.activation_dtype is None:
@@ -58,7 +57,8 @@ class Recorder(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         # Every rank reaches this point, so the gather cannot hang.
-        self.ranks = collective.gather({"local_rank": int(os.environ.get("LOCAL_RANK", 0)), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        self.ranks = collective.gather({"local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+                                        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                              "torch_threads": torch.get_num_threads(), "cores": sorted(os.sched_getaffinity(0)),
                              "affinity": self.settings.affinity, "allocator": self.settings.allocator})
 
@@ -79,14 +79,6 @@ class Recorder(TrainerCallback):
             "perf_ddp_comm_hook": self.settings.comm_hook, "perf_ddp_comm_hook_calls": self.hook_calls,
             "perf_processes": self.ranks,
         }
-
-
-def batch_shape(module, kwargs) -> tuple[int, int, int, int, int, int] | None:
-    """The shape of a training forward's input (see `mask_shape`); None in eval."""
-    mask = kwargs.get("attention_mask")
-    if not module.training or mask is None:
-        return None
-    return mask_shape(mask)
 
 
 def mask_shape(mask) -> tuple[int, int, int, int, int, int]:

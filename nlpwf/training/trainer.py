@@ -59,12 +59,25 @@ def training_arguments(cfg: DictConfig, job_dir: Path, report_to: list[str]) -> 
         raise UserError(f"invalid training settings: {str(e).splitlines()[0]}") from e
 
 
+class ObservedTrainer(Trainer):
+    """Trainer that shows each training batch to the callbacks that define `on_train_batch(inputs)`
+    (transformers' callback events carry no batch). Called where Trainer hands the batch to the
+    model, outside any region torch.compile captures, so it also works for compiled models."""
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        for callback in self.callback_handler.callbacks:
+            observe = getattr(callback, "on_train_batch", None)
+            if observe is not None:
+                observe(inputs)
+        return super().training_step(model, inputs, *args, **kwargs)
+
+
 def build(cfg: DictConfig, args: TrainingArguments, encoded, tokenizer,
           callbacks: list[TrainerCallback] = ()) -> tuple[Trainer, StopOnSigterm]:
     """The Trainer for `encoded` (splits `train` and `eval`), and its SIGTERM watcher. The model
     is created here, after the caller seeded the RNGs. `callbacks` are added after nlpwf's own."""
     sigterm = StopOnSigterm()
-    trainer = Trainer(
+    trainer = ObservedTrainer(
         model=models.load_model(cfg.model),
         args=args,
         train_dataset=encoded["train"],
