@@ -26,7 +26,6 @@ def get(name: str) -> Callable[[DictConfig, Path], dict | None]:
 def run(cfg: DictConfig, job_dir: Path) -> dict | None:
     """Run the job's stage. The process the user started checks the config first, before any
     data, weights or worker processes; the ranks of a job were checked by whoever started them."""
-    stage = get(cfg.stage.name)
     if contract.from_env() is None:
-        check_job(cfg)
-    return stage(cfg, Path(job_dir))
+        check_job(cfg)  # before the stage's module: a config mistake should not wait for torch to import
+    return get(cfg.stage.name)(cfg, Path(job_dir))

@@ -1,0 +1,129 @@
+"""What this CPU computes natively, and the precision that follows from it.
+
+bf16 autocast pays only where the CPU has bf16 arithmetic: AVX512-BF16 (AMD Zen 4, Intel
+Cooper Lake) or AMX-BF16 tiles (Intel Sapphire Rapids and later). Elsewhere (Ice Lake, Cascade
+Lake: what Azure's D-series v5/v4 often give) oneDNN emulates it and bf16 runs slower than fp32.
+INT8 likewise wants VNNI (AVX512-VNNI or AVX-VNNI) or AMX-INT8.
+
+Read from /proc/cpuinfo (the kernel's view, on every Linux node), else from torch's own probe.
+`precision=auto` is decided on the machines that run the job, and the ranks of a job agree on
+the least capable node's answer (`agree`).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nlpwf.runtime import collective
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Isa:
+    cpu: str
+    avx512: bool
+    avx512_bf16: bool
+    avx512_vnni: bool
+    avx_vnni: bool
+    amx_bf16: bool
+    amx_int8: bool
+
+    @property
+    def native_bf16(self) -> bool:
+        return self.avx512_bf16 or self.amx_bf16
+
+    @property
+    def int8_dot_product(self) -> bool:
+        """VNNI or AMX-INT8: INT8 matmuls with one instruction per multiply-accumulate group."""
+        return self.avx512_vnni or self.avx_vnni or self.amx_int8
+
+    def summary(self) -> str:
+        have = [name for name in ("avx512", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8") if getattr(self, name)]
+        return f"{self.cpu}: {', '.join(have) or 'no AVX-512, VNNI or AMX'}"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "native_bf16": self.native_bf16, "int8_dot_product": self.int8_dot_product}
+
+
+def from_cpuinfo(text: str) -> Isa | None:
+    """The ISA of the first processor listed in a /proc/cpuinfo text (x86 `flags` lines)."""
+    flags: set[str] = set()
+    cpu = "unknown CPU"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and cpu == "unknown CPU":
+            cpu = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    if not flags:
+        return None
+    return Isa(cpu=cpu, avx512="avx512f" in flags, avx512_bf16="avx512_bf16" in flags, avx512_vnni="avx512_vnni" in flags,
+               avx_vnni="avx_vnni" in flags, amx_bf16="amx_bf16" in flags, amx_int8="amx_int8" in flags)
+
+
+def _from_torch() -> Isa:
+    # torch's own CPUID probe (cpuinfo library); private, so only where /proc/cpuinfo is missing.
+    import torch
+
+    caps = torch._C._cpu._get_cpu_capability()
+    return Isa(cpu=str(caps.get("cpu_name", "unknown CPU")), avx512=bool(caps.get("avx512_f")),
+               avx512_bf16=bool(caps.get("avx512_bf16")), avx512_vnni=bool(caps.get("avx512_vnni")),
+               avx_vnni=bool(caps.get("avx_vnni")), amx_bf16=bool(caps.get("amx_bf16")), amx_int8=bool(caps.get("amx_int8")))
+
+
+@functools.lru_cache(maxsize=1)
+def detect() -> Isa:
+    try:
+        isa = from_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        isa = None
+    return isa or _from_torch()
+
+
+def choose(requested: str, native_bf16: bool) -> str:
+    """The precision a job runs in: `auto` is bf16 where the CPU has native bf16, else fp32; an
+    explicit choice is kept (a warning says when bf16 is emulated, see `warn_if_emulated`)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"unknown precision {requested!r}")
+    if requested == "auto":
+        return "bf16" if native_bf16 else "fp32"
+    return requested
+
+
+def agree(native_bf16: bool) -> bool:
+    """True on every rank only when every rank's CPU has native bf16: a job whose nodes differ
+    (Azure may place one job on Ice Lake and Sapphire Rapids hosts) follows its least capable
+    node. Outside a process group, this process's own answer."""
+    return not collective.any_rank(not native_bf16)
+
+
+def bf16_slowdown(size: int = 512, reps: int = 5) -> float:
+    """How many times slower a bf16 matmul runs than fp32 on this CPU (best of `reps`): the
+    number a warning about emulated bf16 quotes."""
+    import torch
+
+    a = torch.randn(size, size)
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        torch.mm(x, x)  # warm-up: oneDNN picks its kernel on the first call
+        best = float("inf")
+        for _ in range(reps):
+            start = time.perf_counter()
+            torch.mm(x, x)
+            best = min(best, time.perf_counter() - start)
+        timings[dtype] = best
+    return timings[torch.bfloat16] / timings[torch.float32]
+
+
+def warn_if_emulated(chosen: str, isa: Isa) -> None:
+    if chosen == "bf16" and not isa.native_bf16:
+        log.warning("precision=bf16 on a CPU without native bf16 (%s): a bf16 matmul measured %.1fx the time of fp32 here; "
+                    "precision=auto picks what this CPU computes natively", isa.summary(), bf16_slowdown())
