@@ -6,15 +6,17 @@ import pytest
 from hydra.core.plugins import Plugins
 from hydra.plugins.launcher import Launcher
 
-from nlpwf.azureml import LAUNCHER_TARGET, job as azjob
+from nlpwf.azureml import job as azjob
 from tests.conftest import compose
+
+LAUNCHER_TARGET = "hydra_plugins.nlpwf_azureml_launcher.azureml_launcher.NlpwfAzureMLLauncher"
 
 AZURE_OPTIONS = {"d32_v5": "Standard_D32_v5", "d32s_v6": "Standard_D32s_v6"}
 
 
 def test_launcher_is_discovered_by_hydra():
-    names = [c.__name__ for c in Plugins.instance().discover(Launcher)]
-    assert "NlpwfAzureMLLauncher" in names
+    names = [f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Launcher)]
+    assert LAUNCHER_TARGET in names
 
 
 @pytest.mark.parametrize("option", sorted(AZURE_OPTIONS))
@@ -27,7 +29,8 @@ def test_azure_compute_selects_azure_launcher_in_multirun(option):
     assert (cfg.compute.vcpus, cfg.compute.cores, cfg.compute.memory_gb) == (32, 16, 128)
     assert cfg.compute.cluster.name and cfg.compute.cluster.min_instances == 0
     # one OMP thread per physical core, none shared between processes
-    assert azjob.threads_per_process(cfg) * cfg.compute.processes_per_node == cfg.compute.cores
+    assert azjob.omp_threads(cfg) * cfg.compute.processes_per_node == cfg.compute.cores
+    assert azjob.environment_variables(cfg, cfg.hydra.launcher)["OMP_NUM_THREADS"] == str(azjob.omp_threads(cfg))
 
 
 @pytest.mark.parametrize("order", [("compute=d32_v5", "launcher=local"), ("launcher=local", "compute=d32_v5")])
@@ -48,6 +51,7 @@ def test_launcher_settings_defaults():
     launcher = compose("compute=d32_v5", return_hydra_config=True).hydra.launcher
     assert (launcher.wait, launcher.dry_run, launcher.emulate) == (False, False, False)
     assert launcher.environment.docker_context == "docker" and launcher.environment.image is None
+    assert launcher.cluster is None and launcher.emulate_dir is None  # nlpwf's compute options name the cluster
 
 
 def test_cli_with_launcher_local_runs_here_as_a_plain_run(tmp_path):

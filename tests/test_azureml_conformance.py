@@ -1,20 +1,29 @@
 """Hydra's own launcher conformance suites, with the Azure ML launcher in emulate mode.
 
-These suites run plain Hydra task functions (closures, in-process apps), which cannot be
-shipped to Azure without pickling them; the launcher runs such tasks through Hydra's
-run_job here, and the suites check what the launcher owns for every task: job dirs, job
-numbers and ids, overrides, sweep dirs, custom resolvers, working dirs, task names.
-nlpwf's own task (test_azureml_emulate.py) is what becomes an Azure ML job.
+The suites' plain task functions (closures, callable objects, the functions of scripts they
+write) are what the emulated Azure ML job runs: the launcher pickles each one into the job's
+payload, and `python -m nlpwf.azureml.remote` runs it in the emulated node's working dir, in
+another process. The suites check what a launcher owns: job dirs, job numbers and ids,
+overrides, sweep dirs, custom resolvers, return values, working dirs, task names.
+
+These apps are not nlpwf's: they name their cluster with hydra.launcher.cluster and run as one
+node with one process. A task's working dir is where the emulated job runs it: with
+hydra.job.chdir=true, its pinned run dir ./outputs in the node's copy of the snapshot, which
+emulate puts in the job dir (<job dir>/azureml/emulate/node-0/outputs); the integration suite's
+hook for apps run elsewhere (get_test_app_working_dir) says so.
 """
 from __future__ import annotations
 
-from pytest import fixture, mark
+from pathlib import Path
 
 from hydra import version
-from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
+from hydra.test_utils.launcher_common_tests import BatchedSweeperTestSuite, IntegrationTestSuite, LauncherTestSuite
+from pytest import fixture, mark
+
+from nlpwf.azureml import emulate, job, payload
 
 LAUNCHER = "nlpwf_azureml"
-OVERRIDES = ["hydra.launcher.emulate=true"]
+OVERRIDES = ["hydra.launcher.emulate=true", "hydra.launcher.cluster=cpu-test"]
 
 
 @fixture(autouse=True)
@@ -29,6 +38,27 @@ class TestAzureMLLauncher(LauncherTestSuite):
     pass
 
 
+@mark.parametrize("launcher_name, overrides", [(LAUNCHER, [*OVERRIDES, "hydra.sweeper.max_batch_size=2"])])
+class TestAzureMLLauncherBatched(BatchedSweeperTestSuite):
+    pass
+
+
+class EmulatedWorkingDirs:
+    """What the suite joins a job dir to (`app_dir / "cli_dir/cli_dir_0"`): the working dir the
+    task of that job has in its emulated node, node 0 (rank 0's) with chdir."""
+
+    def __init__(self, tmpdir: Path) -> None:
+        self.tmpdir = Path(tmpdir)
+
+    def __truediv__(self, job_dir: str) -> Path:
+        return self.tmpdir / job_dir / job.AZURE_DIR / emulate.SCRATCH_DIR / "node-0" / payload.REMOTE_RUN_DIR
+
+
 @mark.parametrize("task_launcher_cfg, extra_flags", [({}, ["-m", f"hydra/launcher={LAUNCHER}", *OVERRIDES])])
 class TestAzureMLLauncherIntegration(IntegrationTestSuite):
-    pass
+    @fixture(autouse=True)
+    def _app_dirs(self, request, tmpdir):
+        request.instance.app_dirs = EmulatedWorkingDirs(tmpdir)
+
+    def get_test_app_working_dir(self) -> EmulatedWorkingDirs:
+        return self.app_dirs

@@ -7,9 +7,12 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TINY, run_cli
 
 
+@pytest.mark.slow
 def test_two_node_job_trains_with_ddp_from_the_snapshot(tmp_path):
     sweep, scratch = tmp_path / "sweep", tmp_path / "scratch"
     r = run_cli("experiment=quickstart", "compute=d32_v5", "nodes=2", "compute.processes_per_node=1",
@@ -26,8 +29,11 @@ def test_two_node_job_trains_with_ddp_from_the_snapshot(tmp_path):
         assert (Path(nodes_dir) / node / "nlpwf_job.yaml").is_file()
         assert (Path(nodes_dir) / node / "outputs").is_dir()  # the process ran there
     assert not (Path(nodes_dir) / "node-1" / "outputs" / "metrics.json").exists()
+    # every process ran the task with the run dir pinned to ./outputs, and none wrote .hydra/ there
+    assert not [p for p in Path(nodes_dir).glob("node-*/outputs/.hydra")]
 
     job_dir = sweep / "0"
+    assert (job_dir / ".hydra" / "config.yaml").is_file()  # Hydra's own job dir, made by the launcher here
     metrics = json.loads((job_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["nodes"] == 2 and metrics["processes_per_node"] == 1
     assert metrics["backend"] in ("gloo", "ccl")
@@ -41,8 +47,10 @@ def test_two_node_job_trains_with_ddp_from_the_snapshot(tmp_path):
     assert float(rows[0]["eval_accuracy"]) == metrics["eval_accuracy"]
 
 
+@pytest.mark.slow
 def test_two_point_multirun_returns_two_results(hydra_sweep_runner, hydra_restore_singletons, tmp_path):
-    """In process, to see what the launcher hands the sweeper: each point's objective."""
+    """In process, to see what the launcher hands the sweeper: each point's objective, as nlpwf's
+    task returned it in the emulated job."""
     from hydra import version
 
     from nlpwf import CONF_DIR, cli
@@ -71,10 +79,10 @@ def test_two_point_multirun_returns_two_results(hydra_sweep_runner, hydra_restor
 def test_failing_job_is_a_failed_result_and_keeps_its_working_dirs(hydra_sweep_runner, hydra_restore_singletons, tmp_path):
     """The job's env vars reach its processes; here one (PYTHONHOME) keeps Python from starting at all,
     as a broken image would on Azure: the job fails, the sweep reports it, the node dirs stay."""
-    import pytest
     from hydra import version
 
     from nlpwf import CONF_DIR, cli
+    from nlpwf.errors import JobFailed
 
     version.setbase("1.3")
     scratch = tmp_path / "scratch"
@@ -84,7 +92,8 @@ def test_failing_job_is_a_failed_result_and_keeps_its_working_dirs(hydra_sweep_r
         overrides=["compute=d32_v5", "compute.processes_per_node=1", "hydra.launcher.emulate=true", *TINY,
                    f"hydra.launcher.emulate_dir={scratch}", "+hydra.launcher.environment_variables.PYTHONHOME=/nonexistent"],
     )
-    with pytest.raises(RuntimeError, match=r"the emulated Azure ML job nlpwf-\S+ failed \(exit code 1\).* kept in"):
+    with pytest.raises(JobFailed, match=r"the emulated Azure ML job nlpwf-\S+ exited with code 1 .*; its nodes' "
+                                        r"working dirs are kept in \S+/scratch/nlpwf-\S+$"):
         with sweep:
             pass
     kept = list(scratch.glob("nlpwf-*/node-0"))

@@ -13,7 +13,8 @@ from azure.core.pipeline.transport import HttpTransport
 from azure.core.rest._http_response_impl import HttpResponseImpl
 from azure.core.utils import CaseInsensitiveDict
 
-from nlpwf.azureml import job as azjob, submit, workspace
+from nlpwf.azureml import job as azjob
+from nlpwf.azureml import launch, payload, submit, workspace
 from tests.conftest import run_cli
 
 FAKE_WS = {"subscription_id": "11111111-2222-3333-4444-555555555555", "resource_group": "rg-nlpwf-test",
@@ -42,11 +43,15 @@ def test_dry_run_job_yaml_loads_with_the_layout(dry_run):
     assert job.experiment_name == "nlpwf"
     assert job.tags["overrides"] == "compute=d32_v5 nodes=2 precision=bf16" and job.tags["job_num"] == "0"
     assert len(job.tags["git_commit"]) in (40, len("unknown"))
-    assert "torchrun" not in job.command and "--config-name=nlpwf_job" in job.command
+    # every process Azure ML starts runs the task from the payload (no torchrun: Azure starts them)
+    assert job.command == "python -m nlpwf.azureml.remote nlpwf_job.pkl"
     assert Path(job.environment.build.path, "Dockerfile").is_file()
     assert job._validate().passed
     rows = list(csv.DictReader((dry_run.parent / "summary.csv").open()))
     assert [r["status"] for r in rows] == ["DRY_RUN"] and rows[0]["eval_accuracy"] == ""
+    # the job dir is Hydra's own, made here by run_job: .hydra/ with the job's overrides, and its log
+    assert yaml.safe_load((dry_run / ".hydra" / "overrides.yaml").read_text()) == ["compute=d32_v5", "nodes=2", "precision=bf16"]
+    assert "Azure ML job nlpwf-" in (dry_run / "nlpwf.log").read_text()
 
 
 def test_dry_run_snapshot_has_the_resolved_config_and_no_workspace_values(dry_run):
@@ -54,9 +59,33 @@ def test_dry_run_snapshot_has_the_resolved_config_and_no_workspace_values(dry_ru
     resolved = (snap / "nlpwf_job.yaml").read_text()
     assert "precision:\n  name: bf16" in resolved and "nodes: 2" in resolved and "${" not in resolved
     assert (snap / "nlpwf" / "cli.py").is_file() and (snap / "conf" / "config.yaml").is_file()
+    job = payload.read(snap / payload.PAYLOAD_FILE)
+    # nlpwf's task by reference: hydra.main's wrapper is nlpwf.cli.main, the task its __wrapped__
+    assert job.task == payload.TaskRef("nlpwf.cli", "main", unwrap=1)
+    assert job.config.precision.name == "bf16" and job.config.nodes == 2
+    assert job.config.hydra.run.dir == "outputs" and job.config.hydra.output_subdir is None
     written = [p for p in dry_run.rglob("*") if p.is_file()]
     for value in FAKE_WS.values():
         assert not any(value in p.read_text(errors="ignore") for p in written), value
+
+
+def test_dry_run_payload_needs_neither_hydra_plugins_nor_bytecode_on_the_nodes(dry_run):
+    """The image has no Hydra plugins (the launchers, Optuna's sweeper) and may run another Python
+    than this machine: nlpwf's own task and config load without either."""
+    found = set()
+
+    class Recording(payload.PayloadUnpickler):
+        def find_class(self, module, name):
+            found.add((module, name))
+            return super().find_class(module, name)
+
+    with open(dry_run / "azureml" / "snapshot" / payload.PAYLOAD_FILE, "rb") as f:
+        job = Recording(f).load()
+    assert job.task == payload.TaskRef("nlpwf.cli", "main", unwrap=1)
+    assert [m for m, _ in found if m.startswith("hydra_plugins")] == []
+    assert [m for m, _ in found if m.startswith("cloudpickle")] == []  # cloudpickle's makers of functions and classes
+    assert {m.split(".")[0] for m, _ in found} <= {"builtins", "collections", "typing", "hydra", "omegaconf", "packaging",
+                                                   "nlpwf", "pathlib", "enum"}
 
 
 # --- the REST request -------------------------------------------------------------------------
@@ -132,24 +161,23 @@ def test_submission_sends_one_put_with_the_command_job(dry_run, tmp_path, capsys
     job_yaml = tmp_path / "job.yaml"
     job_yaml.write_text(yaml.safe_dump(spec))
     job = load_job(job_yaml)
-    sub = submit.Submission(name=job.name, job_dir=tmp_path, job_yaml=job_yaml, objective="eval_accuracy",
-                            cluster={"name": "cpu-d32-v5"}, vm_size="Standard_D32_v5", nodes=2)
+    spec = azjob.JobSpec(name=job.name, job_dir=tmp_path, job_yaml=job_yaml, cluster={"name": "cpu-d32-v5"},
+                         vm_size="Standard_D32_v5", nodes=2, processes_per_node=2)
 
-    assert submit.submit_one(ml_client, sub) == job.name
+    assert submit.submit_one(ml_client, spec) == job.name
 
     assert [r.method for r in transport.requests] == ["PUT"]
     put = transport.requests[0]
     assert put.url.split("?")[0] == f"https://management.azure.com{prefix}/jobs/{job.name}"
     props = json.loads(put.body)["properties"]
     assert props["jobType"] == "Command"
-    assert props["command"] == job.command and "python -m nlpwf" in props["command"]
+    assert props["command"] == job.command == "python -m nlpwf.azureml.remote nlpwf_job.pkl"
     assert props["distribution"] == {"distributionType": "PyTorch", "processCountPerInstance": 2}
     assert props["resources"]["instanceCount"] == 2
     assert props["computeId"] == f"{prefix}/computes/cpu-d32-v5"
     assert props["codeId"] == f"{prefix}/codes/nlpwf-snapshot/versions/1"
     assert props["environmentId"] == f"{prefix}/environments/nlpwf-cpu/versions/3"
-    assert props["environmentVariables"] == {"OMP_NUM_THREADS": "8", "TOKENIZERS_PARALLELISM": "false",
-                                             "HYDRA_FULL_ERROR": "1"}
+    assert props["environmentVariables"] == {"OMP_NUM_THREADS": "8", "TOKENIZERS_PARALLELISM": "false"}
     assert props["experimentName"] == "nlpwf" and props["tags"]["job_num"] == "0"
     out = capsys.readouterr().out
     assert f"submitted Azure ML job {job.name}: https://ml.azure.com/runs/{job.name}" in out
@@ -162,7 +190,8 @@ AML_COMPUTE = {"type": "Microsoft.MachineLearningServices/workspaces/computes", 
 
 
 def test_waiting_on_a_cancelled_job_gives_a_failed_job_return(dry_run, tmp_path):
-    """The launcher's submit step on a batch: existing cluster, one PUT, polls until Azure says Canceled."""
+    """The launcher's submit step on a batch: existing cluster, one PUT, polls until Azure says
+    Canceled; the outcome goes into the job's JobReturn."""
     from hydra.core.utils import JobReturn, JobStatus
     from omegaconf import OmegaConf
 
@@ -174,12 +203,13 @@ def test_waiting_on_a_cancelled_job_gives_a_failed_job_return(dry_run, tmp_path)
     spec = yaml.safe_load((dry_run / "azureml" / "job.yaml").read_text())
     spec.update(code=f"azureml:{prefix}/codes/c/versions/1", environment=f"azureml:{prefix}/environments/e/versions/1")
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-    sub = submit.Submission(name=spec["name"], job_dir=tmp_path, job_yaml=tmp_path / "job.yaml", objective="eval_accuracy",
-                            cluster={"name": "cpu-d32-v5", "create_if_missing": False}, vm_size="Standard_D32_v5", nodes=2)
-    run = JobReturn(overrides=["nodes=2"], status=JobStatus.COMPLETED, _return_value=sub)
+    job = azjob.JobSpec(name=spec["name"], job_dir=tmp_path, job_yaml=tmp_path / "job.yaml",
+                        cluster={"name": "cpu-d32-v5", "create_if_missing": False}, vm_size="Standard_D32_v5", nodes=2)
+    run = JobReturn(overrides=["nodes=2"], status=JobStatus.COMPLETED, _return_value=job)
     settings = OmegaConf.create({"wait": True, "stream": False, "poll_interval_s": 0.01, "max_parallel": 2})
 
-    submit.submit_all([run], settings, ml_client=ml_client)
+    [outcome] = submit.execute([job], settings, ml_client=ml_client)
+    launch.settle(run, job, outcome)
 
     assert run.status == JobStatus.FAILED
     assert f"Azure ML job {spec['name']} ended Canceled" in str(run._return_value)
@@ -194,14 +224,15 @@ def test_a_missing_cluster_that_may_not_be_created_fails_the_batch_without_submi
 
     transport = RecordingTransport()
     ml_client = workspace.client(OmegaConf.create(FAKE_WS), credential=FakeCredential(), transport=transport)
-    sub = submit.Submission(name="nlpwf-x", job_dir=tmp_path, job_yaml=dry_run / "azureml" / "job.yaml",
-                            objective="eval_accuracy", cluster={"name": "cpu-d32-v5", "create_if_missing": False},
-                            vm_size="Standard_D32_v5", nodes=2)
-    runs = [JobReturn(status=JobStatus.COMPLETED, _return_value=sub) for _ in range(2)]
-    submit.submit_all(runs, OmegaConf.create({"wait": False, "stream": False, "poll_interval_s": 1, "max_parallel": 2}),
-                      ml_client=ml_client)
+    job = azjob.JobSpec(name="nlpwf-x", job_dir=tmp_path, job_yaml=dry_run / "azureml" / "job.yaml",
+                        cluster={"name": "cpu-d32-v5", "create_if_missing": False}, vm_size="Standard_D32_v5", nodes=2)
+    outcomes = submit.execute([job, job], OmegaConf.create({"wait": False, "stream": False, "poll_interval_s": 1,
+                                                            "max_parallel": 2}), ml_client=ml_client)
+    runs = [JobReturn(status=JobStatus.COMPLETED, _return_value=job) for _ in range(2)]
+    for run, outcome in zip(runs, outcomes):
+        launch.settle(run, job, outcome)
     assert [r.status for r in runs] == [JobStatus.FAILED, JobStatus.FAILED]
-    assert "the workspace has no cluster cpu-d32-v5" in str(runs[0]._return_value)
+    assert "nothing submitted" in str(outcomes[0]) and "the workspace has no cluster cpu-d32-v5" in str(runs[0]._return_value)
     assert [r.method for r in transport.requests] == ["GET"]
 
 
@@ -236,9 +267,8 @@ def test_ctrl_c_stops_watching_promptly_and_leaves_the_jobs_running(dry_run, tmp
     for i in range(2):
         spec["name"] = f"nlpwf-test-{i}"
         (tmp_path / f"job{i}.yaml").write_text(yaml.safe_dump(spec))
-        subs.append(submit.Submission(name=spec["name"], job_dir=tmp_path, job_yaml=tmp_path / f"job{i}.yaml",
-                                      objective="eval_accuracy", cluster={"name": "cpu-d32-v5"},
-                                      vm_size="Standard_D32_v5", nodes=2))
+        subs.append(azjob.JobSpec(name=spec["name"], job_dir=tmp_path, job_yaml=tmp_path / f"job{i}.yaml",
+                                  cluster={"name": "cpu-d32-v5"}, vm_size="Standard_D32_v5", nodes=2))
     settings = OmegaConf.create({"wait": True, "stream": False, "poll_interval_s": 600, "max_parallel": 2})
     threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # the user's Ctrl-C while both jobs run
     started = time.monotonic()
@@ -251,3 +281,22 @@ def test_ctrl_c_stops_watching_promptly_and_leaves_the_jobs_running(dry_run, tmp
         time.sleep(0.1)
     assert [r.method for r in transport.requests].count("PUT") == 2
     assert "DELETE" not in [r.method for r in transport.requests] and not any("cancel" in r.url for r in transport.requests)
+
+
+@pytest.mark.parametrize("label", ["DRY_RUN", "SUBMITTED"])
+def test_the_launcher_labels_jobs_that_did_not_train_here(tmp_path, label):
+    """summary.csv says DRY_RUN or SUBMITTED where the launcher knows no result exists yet (the
+    label is the launcher's: nothing below it reads the launcher's settings); metrics that came
+    back, or a failure, win over the label."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from nlpwf.results import summary
+
+    cfg = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(tmp_path)}, "job": {"num": 0}}})
+    run = JobReturn(overrides=["nodes=2"], status=JobStatus.COMPLETED, hydra_cfg=cfg)
+    assert summary.row(run, label)["status"] == label and summary.row(run)["status"] == "COMPLETED"
+    failed = JobReturn(overrides=["nodes=2"], status=JobStatus.FAILED, hydra_cfg=cfg, _return_value=RuntimeError("x"))
+    assert summary.row(failed, label)["status"] == "FAILED"
+    (tmp_path / "metrics.json").write_text('{"eval_accuracy": 0.8}')  # results came back: trained
+    assert summary.row(run, label)["status"] == "COMPLETED"

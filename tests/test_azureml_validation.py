@@ -25,11 +25,15 @@ def check(*overrides, edit=None):
 
 
 @pytest.mark.parametrize("overrides, edit, message", [
-    (["hydra.launcher.dry_run=true", "nodes=0"], None, "nodes=0: an Azure ML job needs at least one node"),
+    # nodes x processes: the one check of local and Azure ML jobs alike (config.checks.check_layout)
+    (["hydra.launcher.dry_run=true", "nodes=0"], None, "nodes=0: a job needs at least one node, e.g. nodes=1"),
     (["hydra.launcher.dry_run=true", "compute.processes_per_node=0"], None, "compute.processes_per_node=0: use 1 or more"),
     (["hydra.launcher.dry_run=true", "nodes=5"], None, "nodes=5 is above compute.cluster.max_instances=4"),
     (["hydra.launcher.dry_run=true"], lambda c: c.compute.pop("cluster"), "compute=d32_v5 names no Azure ML cluster"),
     (["hydra.launcher.dry_run=true", "compute.cluster.name=9bad_name"], None, "is not a valid AmlCompute name"),
+    # the rest of the job's checks (config.checks.check_job) run before it is built, as for a local job
+    (["hydra.launcher.dry_run=true", "nodes=two"], None, "nodes='two' must be a whole number"),
+    (["hydra.launcher.dry_run=true", "precision.name=fp8"], None, "precision=fp8 is not supported"),
     (["hydra.launcher.dry_run=true", "hydra.launcher.environment.docker_context=/nonexistent/docker"], None,
      "no Dockerfile in the docker build context /nonexistent/docker"),
     (["hydra.launcher.workspace.config_path=/nonexistent/config.json"], None,
@@ -80,3 +84,49 @@ def test_cli_reports_a_missing_config_json_in_one_line_and_submits_nothing(tmp_p
     assert len(errors) == 1 and "no Azure ML config.json" in errors[0], r.stderr[-2000:]
     assert "submitted Azure ML job" not in r.stdout
 
+
+
+def test_an_app_other_than_nlpwf_names_its_cluster_in_the_launcher():
+    from omegaconf import OmegaConf
+
+    settings = composed("hydra.launcher.dry_run=true")[1]
+    app = OmegaConf.create({"foo": 10, "hydra": {"job": {"name": "app"}}})
+    with pytest.raises(UserError, match="set hydra.launcher.cluster to the AmlCompute cluster to run it on"):
+        azjob.validate(app, settings, None)
+    with open_dict(settings):
+        settings.cluster = "cpu-small"
+    azjob.validate(app, settings, None)
+    assert azjob.layout(app) == (1, 1) and azjob.cluster_of(app, settings) == {"name": "cpu-small"}
+    assert azjob.environment_variables(app, settings) == {}  # nlpwf's thread settings are for nlpwf's jobs
+
+
+@pytest.mark.parametrize("python, refused", [("3.11", False), ("3.12", True)])
+def test_a_task_sent_as_bytecode_needs_the_images_python(tmp_path, python, refused):
+    """A task pickled by value is bytecode of this Python: the image must run the same major.minor.
+    One sent by reference (nlpwf's own task) ships no bytecode and goes to any image."""
+    from nlpwf.azureml import payload
+
+    context = tmp_path / "docker"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"# the image\nFROM python:{python}-slim-bookworm\nRUN true\n")
+    settings = composed("hydra.launcher.dry_run=true", f"hydra.launcher.environment.docker_context={context}")[1]
+    local = payload.python_version()
+    by_value = payload.Packed(data=b"", by_value=True, task_name="__main__.experiment")
+    if refused and python != local:
+        with pytest.raises(UserError) as e:
+            azjob.check_python(by_value, settings)
+        assert f"cannot load: run from a Python {python} environment" in str(e.value) and "\n" not in str(e.value)
+        assert "__main__.experiment" in str(e.value)
+    else:
+        azjob.check_python(by_value, settings)
+    azjob.check_python(payload.Packed(data=b"", by_value=False, task_name="nlpwf.cli.main"), settings)
+    with open_dict(settings):
+        settings.emulate = True  # emulate runs this Python, whatever the image's
+    azjob.check_python(by_value, settings)
+
+
+def test_the_projects_dockerfile_names_its_python():
+    from nlpwf.azureml import payload
+
+    settings = composed("hydra.launcher.dry_run=true")[1]
+    assert payload.image_python(azjob.docker_context(settings) / "Dockerfile") == "3.11"

@@ -1,9 +1,13 @@
-"""Build one Azure ML command job from a job's resolved config.
+"""Build one Azure ML command job from a sweep point: validate it, snapshot the code with the
+job's payload, and write job.yaml.
 
-The job re-enters `python -m nlpwf` on every process Azure ML starts, with the config
-resolved here (so `${now:}` and resolvers are evaluated once, on this machine) and a run
-dir pinned under ./outputs, the folder Azure ML uploads as the job's outputs. Azure ML
-itself sets the distributed env contract; there is no torchrun in the command.
+Every process Azure ML starts runs `python -m nlpwf.azureml.remote nlpwf_job.pkl` in the code
+snapshot: the user's task function under Hydra's run_job, with the payload's config (payload.py).
+Azure ML itself sets the distributed env contract; there is no torchrun in the command.
+
+The job's shape comes from nlpwf's config when the job is one of nlpwf's (nodes x
+compute.processes_per_node on compute.cluster, OMP threads from compute.cores); any other
+Hydra app gets one node with one process on hydra.launcher.cluster.
 """
 from __future__ import annotations
 
@@ -11,24 +15,28 @@ import functools
 import logging
 import re
 import secrets
-import shlex
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from nlpwf import PROJECT_ROOT, cli
-from nlpwf.azureml import snapshot, workspace
+from nlpwf import PROJECT_ROOT
+from nlpwf.azureml import payload, snapshot, workspace
+from nlpwf.config.checks import check_job
 from nlpwf.errors import UserError
+from nlpwf.runtime import jobfile, threads
 
 log = logging.getLogger(__name__)
 
-AZURE_DIR = "azureml"          # in the job dir: job.yaml and the code snapshot
+AZURE_DIR = "azureml"          # in the job dir: job.yaml, the code snapshot, the collected outputs
 JOB_YAML = "job.yaml"
 SNAPSHOT_DIR = "snapshot"
-REMOTE_RUN_DIR = "outputs"     # Azure ML uploads ./outputs of the working dir (the code dir)
+OUTPUTS_DIR = "outputs"        # <job dir>/azureml/outputs: the job's ./outputs, once it has ended
+REMOTE_COMMAND = f"python -m nlpwf.azureml.remote {payload.PAYLOAD_FILE}"
 # Inputs that may name a local folder: the snapshot carries code, not data or weights.
 LOCAL_INPUTS = ("dataset.data_dir", "model.source", "model.tokenizer")
 CLUSTER_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{1,15}$")  # AmlCompute's naming rule
@@ -36,61 +44,90 @@ CLUSTER_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{1,15}$")  # AmlCompute's namin
 
 @dataclass
 class JobSpec:
+    """A job built and validated here: what a dry run shows, emulate runs and submit sends."""
+
     name: str
     job_dir: Path
     job_yaml: Path
-    snapshot_dir: Path
-    command: str
-    nodes: int
-    processes_per_node: int
-    environment_variables: dict[str, str]
-    cluster: dict = field(default_factory=dict)
+    cluster: dict
+    vm_size: str | None = None
+    nodes: int = 1
+    processes_per_node: int = 1
+    environment_variables: dict[str, str] = field(default_factory=dict)
+
+
+def nlpwf_job(cfg: DictConfig) -> bool:
+    """Whether the config is one of nlpwf's (composed from conf/config.yaml), which says the job's shape."""
+    return all(key in cfg for key in ("nodes", "compute", "stage"))
 
 
 def layout(cfg: DictConfig) -> tuple[int, int]:
-    """(instance_count, process_count_per_instance). Only training is distributed (as locally, see cli.run)."""
-    if cfg.stage.name != "train":
+    """(instance_count, process_count_per_instance). Only training is distributed (as locally,
+    see nlpwf.stages.train); a Hydra app other than nlpwf runs as one process."""
+    if not nlpwf_job(cfg) or cfg.stage.name != "train":
         return 1, 1
     return int(cfg.nodes), int(cfg.compute.processes_per_node)
 
 
-def threads_per_process(cfg: DictConfig) -> int:
-    """OMP threads on the VM: the option's value, else its physical cores shared out."""
-    configured = cfg.compute.get("threads_per_process")
-    if configured:
-        return int(configured)
-    return max(1, int(cfg.compute.cores) // max(1, int(cfg.compute.processes_per_node)))
+def omp_threads(cfg: DictConfig) -> int:
+    """OMP threads per process on the VM: the configured count, else its physical cores shared out."""
+    return threads.threads_per_process(cfg.compute.get("threads_per_process"), int(cfg.compute.processes_per_node),
+                                       cores=cfg.compute.get("cores"))
 
 
-def validate(cfg: DictConfig, settings: DictConfig, sweeper_target: str | None) -> None:
-    """What Azure would reject late (or never): each a one-line error naming the fix."""
-    if cfg.nodes < 1:
-        raise UserError(f"nodes={cfg.nodes}: an Azure ML job needs at least one node, e.g. nodes=2")
-    if cfg.compute.processes_per_node < 1:
-        raise UserError(f"compute.processes_per_node={cfg.compute.processes_per_node}: use 1 or more")
-    cluster = OmegaConf.select(cfg, "compute.cluster", default=None)
-    if cluster is None or not cluster.get("name"):
-        raise UserError(f"compute={cfg.compute.name} names no Azure ML cluster: choose an Azure option "
-                        "(compute=d32_v5 or compute=d32s_v6) or set compute.cluster.name")
-    if not CLUSTER_NAME.match(str(cluster.name)):
-        raise UserError(f"compute.cluster.name={cluster.name} is not a valid AmlCompute name: "
-                        "use 2-16 letters, digits or hyphens, starting with a letter")
-    if cluster.get("max_instances") is not None and cfg.nodes > cluster.max_instances:
-        raise UserError(f"nodes={cfg.nodes} is above compute.cluster.max_instances={cluster.max_instances}: "
-                        f"lower nodes or set compute.cluster.max_instances={cfg.nodes}")
-    if cfg.compute.get("cores") is None and not cfg.compute.get("threads_per_process"):
-        raise UserError(f"compute={cfg.compute.name} has no cores count: set compute.cores (physical cores per VM)")
-    for key in LOCAL_INPUTS:
-        value = OmegaConf.select(cfg, key, default=None)
-        if isinstance(value, str) and not value.startswith("package:") and Path(value).expanduser().exists():
-            raise UserError(f"{key}={value} is a folder on this machine, which the Azure ML job cannot read: "
-                            "use a Hub id, or a path that exists on the nodes (e.g. a mounted datastore)")
+def cluster_of(cfg: DictConfig, settings: DictConfig) -> dict:
+    """The AmlCompute cluster the job runs on (its settings, for creating it when missing)."""
+    if nlpwf_job(cfg):
+        cluster = OmegaConf.select(cfg, "compute.cluster", default=None)
+        if cluster is None or not cluster.get("name"):
+            raise UserError(f"compute={cfg.compute.name} names no Azure ML cluster: choose an Azure option "
+                            "(compute=d32_v5 or compute=d32s_v6) or set compute.cluster.name")
+        return OmegaConf.to_container(cluster, resolve=True)
+    if not settings.get("cluster"):
+        raise UserError("the job's config names no Azure ML cluster (it has no compute.cluster.name): "
+                        "set hydra.launcher.cluster to the AmlCompute cluster to run it on")
+    return {"name": str(settings.cluster)}
+
+
+def validate(cfg: DictConfig, settings: DictConfig, sweeper_target: str | None, cwd: str | Path | None = None) -> None:
+    """What Azure would reject late (or never): each a one-line error naming the fix. `cwd`: where
+    the user started (config.json is searched from there)."""
+    if nlpwf_job(cfg):
+        check_job(cfg)  # types, then nodes x processes (config.checks.check_layout, as for local jobs), ...
+    cluster = cluster_of(cfg, settings)
+    if not CLUSTER_NAME.match(str(cluster["name"])):
+        raise UserError(f"{'compute.cluster.name' if nlpwf_job(cfg) else 'hydra.launcher.cluster'}={cluster['name']} "
+                        "is not a valid AmlCompute name: use 2-16 letters, digits or hyphens, starting with a letter")
+    if nlpwf_job(cfg):
+        if cluster.get("max_instances") is not None and cfg.nodes > cluster["max_instances"]:
+            raise UserError(f"nodes={cfg.nodes} is above compute.cluster.max_instances={cluster['max_instances']}: "
+                            f"lower nodes or set compute.cluster.max_instances={cfg.nodes}")
+        if cfg.compute.get("cores") is None and not cfg.compute.get("threads_per_process"):
+            raise UserError(f"compute={cfg.compute.name} has no cores count: set compute.cores (physical cores per VM)")
+        for key in LOCAL_INPUTS:
+            value = OmegaConf.select(cfg, key, default=None)
+            if isinstance(value, str) and not value.startswith("package:") and Path(value).expanduser().exists():
+                raise UserError(f"{key}={value} is a folder on this machine, which the Azure ML job cannot read: "
+                                "use a Hub id, or a path that exists on the nodes (e.g. a mounted datastore)")
     if not settings.environment.image:
         docker_context(settings)  # raises when missing
     if not (settings.dry_run or settings.emulate):
         if not settings.wait and sweeper_target and not sweeper_target.endswith("BasicSweeper"):
             raise UserError("this sweeper needs each job's result: add hydra.launcher.wait=true")
-        workspace.check(settings.workspace)
+        workspace.check(settings.workspace, start=cwd)
+
+
+def check_python(packed: payload.Packed, settings: DictConfig) -> None:
+    """A payload with code pickled by value (bytecode) loads only on the Python that wrote it."""
+    if not packed.by_value or settings.emulate or settings.environment.image:
+        return  # emulate runs this Python; a ready image's Python cannot be read from here
+    dockerfile = docker_context(settings) / "Dockerfile"
+    image = payload.image_python(dockerfile)
+    if image is not None and image != payload.python_version():
+        raise UserError(f"the task {packed.task_name} is not importable from the code snapshot, so it is sent as "
+                        f"Python {payload.python_version()} bytecode, which the image's Python {image} ({dockerfile}) "
+                        f"cannot load: run from a Python {image} environment, or make the task a module-level "
+                        "function of the project")
 
 
 def docker_context(settings: DictConfig) -> Path:
@@ -107,30 +144,11 @@ def job_name(num: int) -> str:
     return f"nlpwf-{time.strftime('%Y%m%d-%H%M%S')}-{num}-{secrets.token_hex(3)}"
 
 
-def _shell_join(argv: list[str]) -> str:
-    # Hydra overrides quote values with '...': wrap those in "..." so the command stays readable in Studio.
-    def one(a: str) -> str:
-        if a == shlex.quote(a):
-            return a
-        return f'"{a}"' if not re.search(r'["$`\\!]', a) else shlex.quote(a)
-
-    return " ".join(one(a) for a in argv)
-
-
-def remote_command() -> str:
-    """cli.worker_command, as run in the code dir on every node. Its --config-path would be read
-    relative to the nlpwf package; the config sits in the working dir, which --config-dir is relative to."""
-    argv = cli.worker_command(Path(cli.JOB_CONFIG), REMOTE_RUN_DIR, python="python")
-    argv = [f"--config-dir=." if a.startswith("--config-path=") else a for a in argv]
-    return _shell_join(argv)
-
-
 def environment_variables(cfg: DictConfig, settings: DictConfig) -> dict[str, str]:
-    env = {
-        "OMP_NUM_THREADS": str(threads_per_process(cfg)),
-        "TOKENIZERS_PARALLELISM": "false",  # its thread pool would compete with the OMP threads of the ranks
-        "HYDRA_FULL_ERROR": "1",            # a failing job's log then has the whole traceback
-    }
+    env = {}
+    if nlpwf_job(cfg):
+        env["OMP_NUM_THREADS"] = str(omp_threads(cfg))
+        env["TOKENIZERS_PARALLELISM"] = "false"  # its thread pool would compete with the OMP threads of the ranks
     env.update({str(k): str(v) for k, v in (settings.environment_variables or {}).items()})
     return env
 
@@ -160,6 +178,8 @@ def tags(hydra_cfg: DictConfig) -> dict[str, str]:
 
 
 def display_name(cfg: DictConfig, hydra_cfg: DictConfig) -> str:
+    if not nlpwf_job(cfg):
+        return f"{hydra_cfg.job.name}-{hydra_cfg.job.num}"
     experiment = hydra_cfg.runtime.choices.get("experiment") or cfg.stage.name
     nodes, procs = layout(cfg)
     return f"{experiment}-{cfg.compute.name}-{nodes}x{procs}-{hydra_cfg.job.num}"
@@ -176,7 +196,7 @@ def command_job(spec: JobSpec, cfg: DictConfig, settings: DictConfig, hydra_cfg:
         experiment_name=settings.experiment_name,
         tags=tags(hydra_cfg),
         code=code,
-        command=spec.command,
+        command=REMOTE_COMMAND,
         environment=environment,
         environment_variables=spec.environment_variables,
         compute=spec.cluster["name"],
@@ -195,26 +215,34 @@ def environment(settings: DictConfig):
     return Environment(build=BuildContext(path=str(docker_context(settings))))
 
 
-def prepare(cfg: DictConfig, job_dir: Path, settings: DictConfig, hydra_cfg: DictConfig) -> JobSpec:
-    """Validate, snapshot the code with the resolved config, and write <job dir>/azureml/job.yaml
-    (loadable by azure.ai.ml.load_job; what is submitted is that file, loaded back)."""
-    validate(cfg, settings, OmegaConf.select(hydra_cfg, "sweeper._target_"))
+def prepare(sweep_config: DictConfig, task_cfg: DictConfig, job_dir: Path, settings: DictConfig,
+            task: Callable, callbacks) -> JobSpec:
+    """Validate the job, write its code snapshot (the project, the payload and the readable
+    resolved config) and <job dir>/azureml/job.yaml, loadable by azure.ai.ml.load_job: what is
+    submitted is that file, loaded back. `sweep_config` is the job's config with Hydra's node,
+    `task_cfg` the task's part of it."""
+    hydra_cfg = sweep_config.hydra
+    validate(sweep_config, settings, OmegaConf.select(hydra_cfg, "sweeper._target_"), cwd=hydra_cfg.runtime.cwd)
+    packed = payload.pack(task, sweep_config, callbacks)
+    check_python(packed, settings)
     azure_dir = job_dir / AZURE_DIR
     snap = snapshot.build(azure_dir / SNAPSHOT_DIR, max_file_mb=settings.snapshot_max_file_mb)
-    cli.write_job_config(cfg, snap / cli.JOB_CONFIG)
-    nodes, procs = layout(cfg)
+    (snap / payload.PAYLOAD_FILE).write_bytes(packed.data)
+    jobfile.write_job_config(task_cfg, snap / jobfile.JOB_CONFIG)  # for people: the payload is not readable
+    nodes, procs = layout(sweep_config)
     spec = JobSpec(
-        name=job_name(hydra_cfg.job.num), job_dir=job_dir, job_yaml=azure_dir / JOB_YAML, snapshot_dir=snap,
-        command=remote_command(), nodes=nodes, processes_per_node=procs,
-        environment_variables=environment_variables(cfg, settings),
-        cluster=OmegaConf.to_container(cfg.compute.cluster, resolve=True),
+        name=job_name(hydra_cfg.job.num), job_dir=job_dir, job_yaml=azure_dir / JOB_YAML,
+        cluster=cluster_of(sweep_config, settings),
+        vm_size=OmegaConf.select(sweep_config, "compute.vm_size", default=None),
+        nodes=nodes, processes_per_node=procs, environment_variables=environment_variables(sweep_config, settings),
     )
-    job = command_job(spec, cfg, settings, hydra_cfg, code=str(snap), environment=environment(settings))
+    job = command_job(spec, sweep_config, settings, hydra_cfg, code=str(snap), environment=environment(settings))
     _quiet_sdk()
     job.dump(str(spec.job_yaml))
     load(spec.job_yaml)  # the SDK's own client-side validation, on exactly what will be sent
-    log.info("Azure ML job %s: %d node(s) x %d process(es) on cluster %s, spec %s",
-             spec.name, nodes, procs, spec.cluster["name"], spec.job_yaml)
+    log.info("Azure ML job %s: %d node(s) x %d process(es) on cluster %s, task %s%s, spec %s",
+             spec.name, nodes, procs, spec.cluster["name"], packed.task_name,
+             " (by value)" if packed.by_value else "", spec.job_yaml)
     return spec
 
 
@@ -228,8 +256,6 @@ def load(job_yaml: Path):
 
 def _quiet_sdk() -> None:
     # The SDK warns about its experimental schema classes on every load; nothing for a user to act on.
-    import warnings
-
     warnings.filterwarnings("ignore", module=r"azure\.ai\.ml")
     warnings.filterwarnings("ignore", module=r"marshmallow")
     logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)

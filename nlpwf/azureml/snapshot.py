@@ -81,6 +81,15 @@ def build(dest: Path, root: Path = PROJECT_ROOT, max_file_mb: float = 20.0) -> P
     return dest
 
 
+def ships(path: Path, root: Path = PROJECT_ROOT) -> bool:
+    """Whether a file of the project is in every snapshot (so a job can import it)."""
+    try:
+        rel = Path(path).resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return False
+    return bool(rel.parts) and rel.parts[0] in INCLUDE and excluded(Path(root) / rel, max_bytes=2**62) is None
+
+
 def files(snapshot_dir: Path) -> list[str]:
     """Every file in a snapshot, relative and sorted (for tests and the job log)."""
     snapshot_dir = Path(snapshot_dir)

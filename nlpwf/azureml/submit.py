@@ -2,7 +2,8 @@
 
 Jobs of a batch are submitted and watched in parallel threads: a sweep's points then run
 on Azure at the same time instead of one after the other. What is submitted is each job's
-job.yaml loaded back by the SDK, so a dry run shows exactly what would be sent.
+job.yaml loaded back by the SDK, so a dry run shows exactly what would be sent. A finished
+job's result is what its task returned on the nodes (payload.RETURN_FILE in its outputs).
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from nlpwf import outputs
-from nlpwf.azureml import Submission, job as azjob, pending, workspace
+from nlpwf.azureml import job as azjob
+from nlpwf.azureml import payload, workspace
+from nlpwf.azureml.job import JobSpec
+from nlpwf.results import files
 
 log = logging.getLogger(__name__)
 
@@ -23,20 +26,27 @@ TERMINAL = {"Completed", "Failed", "Canceled", "NotResponding", "Paused"}
 DOWNLOAD_DIR = "download"
 
 
-def collect(remote_outputs: Path, job_dir: Path) -> dict | None:
-    """A finished job's ./outputs into <job dir>/azureml/outputs, and its metrics.json into the
-    job dir itself, where the sweep summary and sweepers read it. Returns the metrics."""
+def collect(remote_outputs: Path, job_dir: Path) -> None:
+    """A finished job's ./outputs into <job dir>/azureml/outputs, and its metrics.json (nlpwf's
+    tasks write one) into the job dir itself, where the sweep summary reads it."""
     remote_outputs, job_dir = Path(remote_outputs), Path(job_dir)
     if not remote_outputs.is_dir():
-        return None
-    local = job_dir / azjob.AZURE_DIR / "outputs"
+        return
+    local = job_dir / azjob.AZURE_DIR / azjob.OUTPUTS_DIR
     if local.exists():
         shutil.rmtree(local)
     shutil.copytree(remote_outputs, local)
-    metrics = outputs.read_metrics(local)
+    metrics = files.read_metrics(local)
     if metrics is not None:
-        outputs.write_json(job_dir / outputs.METRICS_FILE, metrics)
-    return metrics
+        files.write_json(job_dir / files.METRICS_FILE, metrics)
+
+
+def task_return(job_dir: Path, who: str):
+    """What the job's task returned, from its collected outputs."""
+    path = Path(job_dir) / azjob.AZURE_DIR / azjob.OUTPUTS_DIR / payload.RETURN_FILE
+    if not path.is_file():
+        raise RuntimeError(f"{who} ended without its task's return value ({payload.RETURN_FILE} is not in its outputs)")
+    return payload.read_return(path)
 
 
 def ensure_cluster(ml_client, cluster: dict, vm_size: str | None, nodes: int) -> None:
@@ -60,8 +70,8 @@ def ensure_cluster(ml_client, cluster: dict, vm_size: str | None, nodes: int) ->
     )).result()
 
 
-def submit_one(ml_client, sub: Submission) -> str:
-    created = ml_client.jobs.create_or_update(azjob.load(sub.job_yaml))
+def submit_one(ml_client, spec: JobSpec) -> str:
+    created = ml_client.jobs.create_or_update(azjob.load(spec.job_yaml))
     # Printed, not only logged: the user needs these to find the job.
     print(f"submitted Azure ML job {created.name}: {created.studio_url}", flush=True)
     return created.name
@@ -87,9 +97,9 @@ class Stopped(Exception):
     """The user stopped watching (Ctrl-C); the job itself goes on in Azure ML."""
 
 
-def wait_one(ml_client, sub: Submission, settings: DictConfig, stream: bool, stop: threading.Event):
-    """Block until the job ends; its objective, or an exception describing the failure."""
-    name = sub.name
+def wait_one(ml_client, spec: JobSpec, settings: DictConfig, stream: bool, stop: threading.Event):
+    """Block until the job ends; its task's return value, or an exception describing the failure."""
+    name = spec.name
     if stream:
         try:
             ml_client.jobs.stream(name)
@@ -104,43 +114,42 @@ def wait_one(ml_client, sub: Submission, settings: DictConfig, stream: bool, sto
         status = job_status(ml_client, name)
     if status != "Completed":
         return RuntimeError(error_text(ml_client, name, status))
-    download = sub.job_dir / azjob.AZURE_DIR / DOWNLOAD_DIR
+    download = spec.job_dir / azjob.AZURE_DIR / DOWNLOAD_DIR
     ml_client.jobs.download(name, download_path=str(download))
-    metrics = collect(download / "artifacts" / azjob.REMOTE_RUN_DIR, sub.job_dir)
-    if metrics is None:
-        return RuntimeError(f"Azure ML job {name} completed but its outputs have no {outputs.METRICS_FILE}")
-    log.info("Azure ML job %s completed: %s=%s", name, sub.objective, metrics.get(sub.objective))
-    return metrics.get(sub.objective)
+    collect(download / "artifacts" / payload.REMOTE_RUN_DIR, spec.job_dir)
+    value = task_return(spec.job_dir, f"Azure ML job {name}")
+    log.info("Azure ML job %s completed: its task returned %r", name, value)
+    return value
 
 
-def execute(subs: list[Submission], settings: DictConfig, ml_client=None) -> list:
-    """Submit every job (and wait, if asked). One outcome per job: its objective (None when not
-    waiting) or an exception. Clusters are checked once, before the first submission."""
+def execute(specs: list[JobSpec], settings: DictConfig, ml_client=None) -> list:
+    """Submit every job (and wait, if asked). One outcome per job: its task's return value (None
+    when not waiting) or an exception. Clusters are checked once, before the first submission."""
     try:
         ml_client = ml_client or workspace.client(settings.workspace)
-        for name in sorted({s.cluster["name"] for s in subs}):
-            first = next(s for s in subs if s.cluster["name"] == name)
-            ensure_cluster(ml_client, first.cluster, first.vm_size, max(s.nodes for s in subs))
+        for name in sorted({s.cluster["name"] for s in specs}):
+            first = next(s for s in specs if s.cluster["name"] == name)
+            ensure_cluster(ml_client, first.cluster, first.vm_size, max(s.nodes for s in specs))
     except Exception as e:  # noqa: BLE001 - e.g. not signed in: every job of the batch fails with it
         error = RuntimeError(f"nothing submitted: {type(e).__name__}: {str(e).strip()}")
-        return [error] * len(subs)
+        return [error] * len(specs)
     stop = threading.Event()
 
-    def one(sub: Submission, stream: bool = False):
+    def one(spec: JobSpec, stream: bool = False):
         try:
-            submit_one(ml_client, sub)
-            return wait_one(ml_client, sub, settings, stream, stop) if settings.wait else None
+            submit_one(ml_client, spec)
+            return wait_one(ml_client, spec, settings, stream, stop) if settings.wait else None
         except Stopped:
             raise
         except Exception as e:  # noqa: BLE001 - one job's failure must not lose the others' results
-            return RuntimeError(f"Azure ML job {sub.name}: {type(e).__name__}: {str(e).strip()}")
+            return RuntimeError(f"Azure ML job {spec.name}: {type(e).__name__}: {str(e).strip()}")
 
     try:
-        if settings.wait and settings.stream and len(subs) == 1:  # in this thread, so Ctrl-C reaches the stream
-            return [one(subs[0], stream=True)]
-        pool = ThreadPoolExecutor(max_workers=max(1, min(settings.max_parallel, len(subs))))
+        if settings.wait and settings.stream and len(specs) == 1:  # in this thread, so Ctrl-C reaches the stream
+            return [one(specs[0], stream=True)]
+        pool = ThreadPoolExecutor(max_workers=max(1, min(settings.max_parallel, len(specs))))
         try:
-            futures = [pool.submit(one, sub) for sub in subs]
+            futures = [pool.submit(one, spec) for spec in specs]
             return [f.result() for f in futures]
         finally:
             stop.set()  # on Ctrl-C the watchers end at their next poll; normally they are all done
@@ -148,15 +157,3 @@ def execute(subs: list[Submission], settings: DictConfig, ml_client=None) -> lis
     except (KeyboardInterrupt, Stopped):
         print("stopped watching: submitted jobs keep running in Azure ML (Studio shows them)", flush=True)
         raise KeyboardInterrupt from None
-
-
-def submit_all(runs: list, settings: DictConfig, ml_client=None) -> None:
-    """The launcher's step: submit the batch's Submissions and put each outcome in its JobReturn."""
-    from hydra.core.utils import JobStatus
-
-    todo = pending(runs)
-    outcomes = execute([r._return_value for r in todo], settings, ml_client)
-    for run, outcome in zip(todo, outcomes):
-        if isinstance(outcome, BaseException):
-            run.status = JobStatus.FAILED
-        run._return_value = outcome

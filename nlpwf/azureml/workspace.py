@@ -42,10 +42,11 @@ def find_config(ws: DictConfig, start: Path | None = None) -> Path:
                     "Azure ML Studio, or set hydra.launcher.workspace.config_path (or the three workspace ids)")
 
 
-def check(ws: DictConfig) -> None:
-    """The workspace can be named without contacting Azure (raises UserError otherwise)."""
+def check(ws: DictConfig, start: Path | str | None = None) -> None:
+    """The workspace can be named without contacting Azure (raises UserError otherwise).
+    `start`: where to look for config.json (default: the current dir)."""
     if not explicit_ids(ws):
-        find_config(ws)
+        find_config(ws, Path(start) if start else None)
 
 
 def client(ws: DictConfig, credential=None, **kwargs):

@@ -16,7 +16,12 @@ SUMMARY_FILE = "summary.csv"
 METRIC_COLUMNS = ["eval_accuracy", "eval_f1", "eval_loss", "train_loss", "train_runtime", "train_samples_per_second"]
 
 
-def row(run: JobReturn, label: str | None = None) -> dict:
+def metric_columns(objective: str | None) -> list[str]:
+    """METRIC_COLUMNS, and the job's objective when it is another metric (CoLA's Matthews, STS-B's Spearman)."""
+    return METRIC_COLUMNS + ([objective] if objective and objective not in METRIC_COLUMNS else [])
+
+
+def row(run: JobReturn, label: str | None = None, objective: str | None = None) -> dict:
     job_dir = Path(run.hydra_cfg.hydra.runtime.output_dir) if run.hydra_cfg else None
     metrics = (files.read_metrics(job_dir) if job_dir else None) or {}
     out = {
@@ -24,7 +29,7 @@ def row(run: JobReturn, label: str | None = None) -> dict:
         "overrides": " ".join(run.overrides or []),
         "status": status(run, metrics, label),
     }
-    out.update({k: metrics.get(k, "") for k in METRIC_COLUMNS})
+    out.update({k: metrics.get(k, "") for k in metric_columns(objective)})
     # A failed job's exception: JobReturn.return_value re-raises it (and writes to stderr), so the
     # stored value is read directly; Hydra has no public accessor that only returns it.
     out["error"] = str(run._return_value) if run.status == JobStatus.FAILED else ""
@@ -51,14 +56,14 @@ class Summary:
         self.rows: list[dict] = []
 
     def add(self, runs: Sequence[JobReturn], labels: Sequence[str | None] | None = None) -> None:
-        self.rows.extend(row(r, label) for r, label in zip(runs, labels or [None] * len(runs)))
+        self.rows.extend(row(r, label, self.objective) for r, label in zip(runs, labels or [None] * len(runs)))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         files.write_csv(self.path, self.rows, list(self.rows[0]))
         plots.sweep(self.rows, self.objective, self.path.parent / plots.SWEEP_PLOT)
         log.info("sweep summary (%s):\n%s", self.path, self.table())
 
     def table(self) -> str:
-        cols = ["job", "overrides", "status"] + [c for c in METRIC_COLUMNS[:4]]
+        cols = ["job", "overrides", "status"] + METRIC_COLUMNS[:4] + metric_columns(self.objective)[len(METRIC_COLUMNS):]
         cells = [[_fmt(r[c]) for c in cols] for r in self.rows]
         widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]

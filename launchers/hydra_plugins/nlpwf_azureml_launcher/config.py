@@ -25,7 +25,7 @@ class EnvironmentConf:
 @dataclass
 class AzureMLLauncherConf:
     _target_: str = "hydra_plugins.nlpwf_azureml_launcher.azureml_launcher.NlpwfAzureMLLauncher"
-    # true: poll until every job ends, download its outputs, return its objective (sweepers need it).
+    # true: poll until every job ends, download its outputs, return what its task returned (sweepers need it).
     wait: bool = False
     # with wait and a single job: print the job's log as it runs instead of polling quietly.
     stream: bool = False
@@ -37,13 +37,17 @@ class AzureMLLauncherConf:
     # jobs of a sweep submitted and watched at the same time
     max_parallel: int = 8
     experiment_name: str = "nlpwf"
+    # The AmlCompute cluster of a job whose config names none (a Hydra app other than nlpwf, whose
+    # compute options set compute.cluster); such a job gets one node with one process.
+    cluster: Optional[str] = None
     workspace: WorkspaceConf = field(default_factory=WorkspaceConf)
     environment: EnvironmentConf = field(default_factory=EnvironmentConf)
     # added to the job's own (OMP_NUM_THREADS, ...); values are strings on Azure
     environment_variables: Dict[str, Any] = field(default_factory=dict)
     # files above this size stay out of the code snapshot (data and weights belong in datastores)
     snapshot_max_file_mb: float = 20.0
-    # where emulate copies the snapshot; null: a new temporary dir, removed when the job succeeds
+    # where emulate copies the snapshot for each node; null: <job dir>/azureml/emulate, removed
+    # when the job succeeds (a failed job's node dirs are kept either way)
     emulate_dir: Optional[str] = None
 
 

@@ -1,26 +1,30 @@
 """Runs sweep points one after the other on this machine, then writes the sweep summary.
 
-A point that needs several processes starts them itself (nlpwf.cli): a plain run, which
-Hydra executes without any launcher, must behave the same as a sweep point.
+A point that needs several processes starts them itself (nlpwf.stages.train): a plain run,
+which Hydra executes without any launcher, must behave the same as a sweep point. The work is
+in nlpwf.runtime.launching, imported only when a sweep starts: Hydra imports this module at
+every start to discover plugins.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
 
 
-class NlpwfLocalLauncher(BasicLauncher):
+class NlpwfLocalLauncher(Launcher):
     def __init__(self) -> None:
-        super().__init__()
-        self.summary = None
+        self.sweep = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from nlpwf.runtime.launching import Sweep
+
+        self.sweep = Sweep(hydra_context, task_function, config)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from nlpwf.sweep import Summary
+        from nlpwf.runtime.launching import run_here
 
-        runs = super().launch(job_overrides, initial_job_idx)
-        if self.summary is None:  # one launcher serves every batch of a sweep (Optuna asks several times)
-            self.summary = Summary(self.config.hydra.sweep.dir, self.config.get("objective"))
-        self.summary.add(runs)
-        return runs
+        return run_here(self.sweep, job_overrides, initial_job_idx)
