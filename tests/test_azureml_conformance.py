@@ -8,9 +8,9 @@ overrides, sweep dirs, custom resolvers, return values, working dirs, task names
 
 These apps are not nlpwf's: they name their cluster with hydra.launcher.cluster and run as one
 node with one process. A task's working dir is where the emulated job runs it: with
-hydra.job.chdir=true, its pinned run dir ./outputs in the node's copy of the snapshot, which
-emulate puts in the job dir (<job dir>/azureml/emulate/node-0/outputs); the integration suite's
-hook for apps run elsewhere (get_test_app_working_dir) says so.
+hydra.job.chdir=true, its run dir: the job's `results` output, which emulate keeps in the job dir
+(<job dir>/azureml/named_outputs/results);
+the integration suite's hook for apps run elsewhere (get_test_app_working_dir) says so.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from hydra import version
 from hydra.test_utils.launcher_common_tests import BatchedSweeperTestSuite, IntegrationTestSuite, LauncherTestSuite
 from pytest import fixture, mark
 
-from nlpwf.azureml import emulate, job, payload
+from nlpwf.azureml import emulate, job
 
 LAUNCHER = "nlpwf_azureml"
 OVERRIDES = ["hydra.launcher.emulate=true", "hydra.launcher.cluster=cpu-test"]
@@ -45,13 +45,13 @@ class TestAzureMLLauncherBatched(BatchedSweeperTestSuite):
 
 class EmulatedWorkingDirs:
     """What the suite joins a job dir to (`app_dir / "cli_dir/cli_dir_0"`): the working dir the
-    task of that job has in its emulated node, node 0 (rank 0's) with chdir."""
+    task of that job had with chdir, its results output."""
 
     def __init__(self, tmpdir: Path) -> None:
         self.tmpdir = Path(tmpdir)
 
     def __truediv__(self, job_dir: str) -> Path:
-        return self.tmpdir / job_dir / job.AZURE_DIR / emulate.SCRATCH_DIR / "node-0" / payload.REMOTE_RUN_DIR
+        return self.tmpdir / job_dir / job.AZURE_DIR / emulate.OUTPUTS_DIR / job.RESULTS_OUTPUT
 
 
 @mark.parametrize("task_launcher_cfg, extra_flags", [({}, ["-m", f"hydra/launcher={LAUNCHER}", *OVERRIDES])])

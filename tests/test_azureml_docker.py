@@ -1,26 +1,90 @@
 """The training image's build context. No Docker engine here: these check what can be checked
-without building it (files, pins, the SDK's view of the context)."""
+without building it (files, pins, the lock, the SDK's view of the context)."""
 from __future__ import annotations
 
 import configparser
+import importlib.metadata
+import importlib.util
 import re
+
+import pytest
+from packaging.requirements import Requirement
 
 from nlpwf import PROJECT_ROOT
 
 DOCKER = PROJECT_ROOT / "docker"
+NODE_EXTRA = "azureml_node"  # setup.cfg's extra of what the image adds to install_requires
 
 
 def requirement_lines(text: str) -> set[str]:
-    return {re.sub(r"\s+", "", line) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")}
+    return {re.sub(r"\s+", "", line.split("#", 1)[0]) for line in text.splitlines()
+            if line.split("#", 1)[0].strip()}
 
 
-def test_requirements_match_setup_cfg():
+def setup_cfg() -> configparser.ConfigParser:
     setup = configparser.ConfigParser()
     setup.read(PROJECT_ROOT / "setup.cfg")
-    install_requires = requirement_lines(setup["options"]["install_requires"])
+    return setup
+
+
+def node_requirements() -> set[str]:
+    """What the nodes need: install_requires and the azureml_node extra."""
+    setup = setup_cfg()
+    return (requirement_lines(setup["options"]["install_requires"])
+            | requirement_lines(setup["options.extras_require"][NODE_EXTRA]))
+
+
+def lock_module():
+    spec = importlib.util.spec_from_file_location("docker_lock", DOCKER / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_requirements_are_setup_cfgs_node_requirements():
     image = requirement_lines((DOCKER / "requirements.txt").read_text())
-    assert install_requires <= image, install_requires - image
-    assert {n.split(">")[0] for n in image if n.startswith(("mlflow-skinny", "azureml-mlflow"))} == {"mlflow-skinny", "azureml-mlflow"}
+    assert image == node_requirements(), image ^ node_requirements()
+
+
+def test_the_lock_pins_a_version_satisfying_every_node_requirement():
+    lock = lock_module().read_lock(DOCKER / "requirements.lock")
+    for line in sorted(node_requirements()):
+        req = Requirement(line)
+        name = lock_module().canonical(req.name)
+        assert name in lock, f"{req.name} is not in docker/requirements.lock: run python docker/lock.py"
+        assert req.specifier.contains(lock[name], prereleases=True), f"lock has {req.name}=={lock[name]}, setup.cfg wants {line}"
+    assert lock_module().main(["--check"]) == 0
+    # the CPU image: none of the CUDA stack PyPI's torch brings
+    assert not [n for n in lock if n.startswith(("nvidia-", "cuda-")) or n == "triton"]
+
+
+def test_one_mlflow_for_emulation_and_the_nodes():
+    """azureml-mlflow bounds mlflow-skinny; the tracking and dev extras use the image's range, and
+    the pinned version is what the lock has."""
+    setup = setup_cfg()
+    extras = setup["options.extras_require"]
+    ranges = {extra: {r for r in requirement_lines(extras[extra]) if r.startswith("mlflow-skinny")}
+              for extra in ("tracking", "dev", NODE_EXTRA)}
+    assert len(set().union(*ranges.values())) == 1, ranges
+    lock = lock_module().read_lock(DOCKER / "requirements.lock")
+    [mlflow_range] = ranges[NODE_EXTRA]
+    assert Requirement(mlflow_range).specifier.contains(lock["mlflow-skinny"])
+    try:
+        installed = importlib.metadata.version("mlflow-skinny")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("mlflow-skinny is not installed here")
+    assert installed == lock["mlflow-skinny"], (f"this environment has mlflow-skinny {installed}, the image "
+                                                f"{lock['mlflow-skinny']}: pip install -e .[dev]")
+
+
+def test_torch_cpu_requirements_match_the_installed_cpu_wheel():
+    """lock.py resolves torch's requirements as the CPU wheel states them."""
+    lock = lock_module()
+    version = importlib.metadata.version("torch")
+    if not version.endswith("+cpu") or version.split("+")[0] != lock.torch_pin(lock.requirement_lines()):
+        pytest.skip(f"torch {version} here is not the image's CPU wheel")
+    cpu = {r for r in importlib.metadata.requires("torch") if "extra ==" not in r}
+    assert cpu == set(lock.TORCH_CPU_REQUIRES)
 
 
 def test_dockerfile_essentials():
@@ -28,9 +92,13 @@ def test_dockerfile_essentials():
     instructions = [line for line in text.splitlines() if line and not line.startswith((" ", "#"))]
     assert instructions[0].startswith("FROM python:3.11-slim")
     assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in text
+    assert lock_module().torch_pin(lock_module().requirement_lines()) == "2.13.0"
+    assert "pip install --no-deps -r /tmp/requirements.lock" in text and "pip check" in text
     assert re.search(r"^ENV LD_PRELOAD=\S*libjemalloc\.so\.2", text, re.M)
-    users = [line.split()[1] for line in instructions if line.startswith("USER ")]
-    assert users and users[-1] not in ("root", "0")
+    # root, as Azure ML's own images: nothing shows a non-root user can write the mounts
+    assert [line for line in instructions if line.startswith("USER ")] == []
+    assert "python -m nlpwf.azureml.remote nlpwf_job.pkl" in text
+    assert "python -m nlpwf ..." not in text and "nlpwf/distributed.py" not in text
     for line in instructions:  # everything COPYed comes from the context
         if line.startswith("COPY "):
             assert (DOCKER / line.split()[1]).exists(), line

@@ -40,11 +40,18 @@ def test_dry_run_job_yaml_loads_with_the_layout(dry_run):
     assert job.distribution.type == "pytorch" and job.distribution.process_count_per_instance == 2
     assert job.compute == "cpu-d32-v5"
     assert job.environment_variables["OMP_NUM_THREADS"] == "8"  # 16 cores / 2 processes
+    assert job.environment_variables["GLOO_SOCKET_IFNAME"] == "eth0"  # gloo would pick the hostname's interface
     assert job.experiment_name == "nlpwf"
     assert job.tags["overrides"] == "compute=d32_v5 nodes=2 precision=bf16" and job.tags["job_num"] == "0"
     assert len(job.tags["git_commit"]) in (40, len("unknown"))
-    # every process Azure ML starts runs the task from the payload (no torchrun: Azure starts them)
-    assert job.command == "python -m nlpwf.azureml.remote nlpwf_job.pkl"
+    # every process Azure ML starts runs the task from the payload (no torchrun: Azure starts them),
+    # its run dir and checkpoints on the job's named outputs, resuming from the checkpoints there
+    assert job.command == ("python -m nlpwf.azureml.remote nlpwf_job.pkl hydra.run.dir=${{outputs.results}} "
+                           "checkpoint_dir=${{outputs.checkpoints}} training.resume=auto")
+    assert {n: (o.type, o.mode) for n, o in job.outputs.items()} == {
+        "results": ("uri_folder", "rw_mount"), "checkpoints": ("uri_folder", "rw_mount")}
+    assert job.outputs["checkpoints"].path == f"azureml://datastores/workspaceblobstore/paths/nlpwf/checkpoints/{job.name}/"
+    assert not job.inputs  # the shipped sample data is in the code (package:)
     assert Path(job.environment.build.path, "Dockerfile").is_file()
     assert job._validate().passed
     rows = list(csv.DictReader((dry_run.parent / "summary.csv").open()))
@@ -171,13 +178,15 @@ def test_submission_sends_one_put_with_the_command_job(dry_run, tmp_path, capsys
     assert put.url.split("?")[0] == f"https://management.azure.com{prefix}/jobs/{job.name}"
     props = json.loads(put.body)["properties"]
     assert props["jobType"] == "Command"
-    assert props["command"] == job.command == "python -m nlpwf.azureml.remote nlpwf_job.pkl"
+    assert props["command"] == job.command and job.command.startswith("python -m nlpwf.azureml.remote nlpwf_job.pkl ")
     assert props["distribution"] == {"distributionType": "PyTorch", "processCountPerInstance": 2}
     assert props["resources"]["instanceCount"] == 2
     assert props["computeId"] == f"{prefix}/computes/cpu-d32-v5"
     assert props["codeId"] == f"{prefix}/codes/nlpwf-snapshot/versions/1"
     assert props["environmentId"] == f"{prefix}/environments/nlpwf-cpu/versions/3"
-    assert props["environmentVariables"] == {"OMP_NUM_THREADS": "8", "TOKENIZERS_PARALLELISM": "false"}
+    assert props["environmentVariables"] == {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "8",
+                                             "TOKENIZERS_PARALLELISM": "false"}
+    assert props["outputs"]["checkpoints"]["mode"] == "ReadWriteMount"
     assert props["experimentName"] == "nlpwf" and props["tags"]["job_num"] == "0"
     out = capsys.readouterr().out
     assert f"submitted Azure ML job {job.name}: https://ml.azure.com/runs/{job.name}" in out
@@ -269,7 +278,8 @@ def test_ctrl_c_stops_watching_promptly_and_leaves_the_jobs_running(dry_run, tmp
         (tmp_path / f"job{i}.yaml").write_text(yaml.safe_dump(spec))
         subs.append(azjob.JobSpec(name=spec["name"], job_dir=tmp_path, job_yaml=tmp_path / f"job{i}.yaml",
                                   cluster={"name": "cpu-d32-v5"}, vm_size="Standard_D32_v5", nodes=2))
-    settings = OmegaConf.create({"wait": True, "stream": False, "poll_interval_s": 600, "max_parallel": 2})
+    settings = OmegaConf.create({"wait": True, "stream": False, "poll_interval_s": 600, "max_parallel": 2,
+                                 "cancel_on_abort": False})  # cancelling: tests/test_azureml_submit.py
     threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # the user's Ctrl-C while both jobs run
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
@@ -300,3 +310,19 @@ def test_the_launcher_labels_jobs_that_did_not_train_here(tmp_path, label):
     assert summary.row(failed, label)["status"] == "FAILED"
     (tmp_path / "metrics.json").write_text('{"eval_accuracy": 0.8}')  # results came back: trained
     assert summary.row(run, label)["status"] == "COMPLETED"
+
+
+def test_threads_follow_the_stages_process_count_and_gloo_interface_is_overridable():
+    from omegaconf import OmegaConf
+
+    def cfg(stage):
+        return OmegaConf.create({"nodes": 2, "stage": {"name": stage},
+                                 "compute": {"name": "d32_v5", "processes_per_node": 2, "cores": 16, "threads_per_process": None}})
+
+    settings = OmegaConf.create({"environment_variables": {}})
+    assert azjob.environment_variables(cfg("train"), settings)["OMP_NUM_THREADS"] == "8"      # 2 processes per node
+    assert azjob.environment_variables(cfg("evaluate"), settings)["OMP_NUM_THREADS"] == "16"  # one process per node
+    assert azjob.layout(cfg("evaluate")) == (1, 1)
+    assert azjob.environment_variables(cfg("train"), settings)["GLOO_SOCKET_IFNAME"] == "eth0"
+    custom = OmegaConf.create({"environment_variables": {"GLOO_SOCKET_IFNAME": "ib0"}})
+    assert azjob.environment_variables(cfg("train"), custom)["GLOO_SOCKET_IFNAME"] == "ib0"

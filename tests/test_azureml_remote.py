@@ -7,6 +7,7 @@ these are quick; nlpwf's own task in an emulated job: test_azureml_emulate.py.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -46,14 +47,16 @@ def test_the_task_runs_in_the_emulated_job_not_in_the_launcher(sweep_of):
         seen = run.return_value
         job_dir = Path(run.hydra_cfg.hydra.runtime.output_dir)  # Hydra's job dir, made here
         node = job_dir / "azureml" / "emulate" / "node-0"
+        results = job_dir / "azureml" / "named_outputs" / "results"
         assert seen["pid"] != os.getpid() and seen["argv0"].endswith(os.path.join("nlpwf", "azureml", "remote.py"))
         assert seen["rank"] == "0" and seen["foo"] == 10
-        assert seen["cwd"] == str(node) and seen["output_dir"] == str(node / "outputs")  # run dir pinned to ./outputs
+        # the node's working dir is its snapshot copy; the run dir is the job's results output (from the command)
+        assert seen["cwd"] == str(node) and seen["output_dir"] == str(results)
         assert seen["sdk_loaded"] is False  # the image has no Azure SDK: the nodes' path must not need it
         assert (job_dir / ".hydra" / "overrides.yaml").is_file() and (job_dir / "a_module.log").is_file()
-        # collected like a download: the job's ./outputs, with the task's return value; the node dirs are gone
+        # collected like a download of the results output, with the task's return value; the node dirs are gone
         assert (job_dir / "azureml" / "outputs" / payload.RETURN_FILE).is_file() and not node.exists()
-        assert not (job_dir / "azureml" / "outputs" / ".hydra").exists()  # the nodes write no .hydra/
+        assert not (results / ".hydra").exists()  # the nodes write no .hydra/
 
 
 def test_a_failing_task_fails_the_job_with_its_traceback_in_the_log(sweep_of, capsys):
@@ -69,15 +72,17 @@ def test_a_failing_task_fails_the_job_with_its_traceback_in_the_log(sweep_of, ca
     assert "[rank 0] ValueError: the task's own failure" in out and "[rank 0] Traceback" in out
 
 
-def test_a_task_exiting_for_bad_input_passes_its_exit_code_through(sweep_of):
+def test_a_task_exiting_for_bad_input_passes_its_exit_code_through(sweep_of, capsys):
     """nlpwf's task exits 2 on bad input (after one `nlpwf: error:` line): the job's exit code is 2
-    and the launcher reads it as the job rejecting its input."""
+    and the launcher reads it as the job rejecting its input, and ends the launch the same way."""
     def task(cfg):
         sys.exit(UserError.exit_code)
 
-    with pytest.raises(UserError, match=r"the emulated Azure ML job nlpwf-\S+ rejected the job's input"):
+    with pytest.raises(SystemExit) as exited:
         with sweep_of(task):
             pass
+    assert exited.value.code == UserError.exit_code
+    assert re.search(r"nlpwf: error: the emulated Azure ML job nlpwf-\S+ rejected the job's input", capsys.readouterr().err)
 
 
 def test_task_references(tmp_path):

@@ -56,11 +56,12 @@ def test_docker_context_without_dockerfile(tmp_path):
           "hydra.launcher.environment.image=registry.example/nlpwf:1")  # an image needs no context
 
 
-def test_local_data_or_weights_folder_is_rejected(glue_dir):
-    with pytest.raises(UserError, match=f"dataset.data_dir={glue_dir} is a folder on this machine"):
-        check("hydra.launcher.dry_run=true", "dataset=mrpc", f"dataset.data_dir={glue_dir}")
-    with pytest.raises(UserError, match=f"model.source={glue_dir} is a folder on this machine"):
-        check("hydra.launcher.emulate=true", f"model.source={glue_dir}")
+def test_local_data_or_weights_folders_become_inputs_and_missing_ones_are_refused(glue_dir):
+    # a local folder is a job input now (tests/test_azureml_inputs.py): accepted
+    check("hydra.launcher.dry_run=true", "dataset=mrpc", f"dataset.data_dir={glue_dir}")
+    check("hydra.launcher.emulate=true", f"model.source={glue_dir}")
+    with pytest.raises(UserError, match=f"dataset.data_dir={glue_dir}/x exists neither on this machine nor as an Azure ML URI"):
+        check("hydra.launcher.dry_run=true", "dataset=mrpc", f"dataset.data_dir={glue_dir}/x")
     check("hydra.launcher.dry_run=true", "dataset=mrpc")  # the Hub dataset: read on the nodes
     check("hydra.launcher.dry_run=true", "model=tiny_bert")  # package:... weights ship in the image
 
@@ -97,7 +98,8 @@ def test_an_app_other_than_nlpwf_names_its_cluster_in_the_launcher():
         settings.cluster = "cpu-small"
     azjob.validate(app, settings, None)
     assert azjob.layout(app) == (1, 1) and azjob.cluster_of(app, settings) == {"name": "cpu-small"}
-    assert azjob.environment_variables(app, settings) == {}  # nlpwf's thread settings are for nlpwf's jobs
+    env = azjob.environment_variables(app, settings)  # nlpwf's thread settings are for nlpwf's jobs
+    assert "OMP_NUM_THREADS" not in env and "TOKENIZERS_PARALLELISM" not in env
 
 
 @pytest.mark.parametrize("python, refused", [("3.11", False), ("3.12", True)])
@@ -130,3 +132,41 @@ def test_the_projects_dockerfile_names_its_python():
 
     settings = composed("hydra.launcher.dry_run=true")[1]
     assert payload.image_python(azjob.docker_context(settings) / "Dockerfile") == "3.11"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["logger=wandb"], "logger=wandb: wandb is not in the Azure ML image (docker/)"),
+    (["logger=[mlflow,wandb]"], "logger=wandb: wandb is not in the Azure ML image (docker/)"),
+    (["stage=quantize"], "stage=quantize: neural-compressor is not in the Azure ML image (docker/)"),
+    (["training.torch_compile=true"], "training.torch_compile=true: torch.compile needs a C++ compiler"),
+])
+def test_settings_the_image_cannot_run_are_refused_before_anything_is_sent(overrides, message):
+    with pytest.raises(UserError) as e:
+        check("hydra.launcher.dry_run=true", *overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    # a ready image may carry them: not checked then
+    check("hydra.launcher.dry_run=true", "hydra.launcher.environment.image=registry.example/nlpwf:1", *overrides)
+
+
+def test_the_images_own_settings_pass():
+    check("hydra.launcher.dry_run=true", "logger=mlflow")
+    check("hydra.launcher.dry_run=true", "logger=none", "training.torch_compile=false")
+
+
+def test_cli_refuses_wandb_on_azure_in_one_line_and_writes_no_job(tmp_path):
+    r = run_cli("compute=d32_v5", "logger=wandb", "hydra.launcher.dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                cwd=tmp_path)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("nlpwf: error:")]
+    assert len(errors) == 1 and "logger=wandb: wandb is not in the Azure ML image" in errors[0], r.stderr[-2000:]
+    assert not list(tmp_path.rglob("job.yaml"))
+
+
+@pytest.mark.parametrize("setting", ["hydra.launcher.register_model=nlpwf-mrpc", "hydra.launcher.download_model=true"])
+def test_what_acts_on_the_finished_job_needs_wait(setting):
+    ids = ["hydra.launcher.workspace.subscription_id=a", "hydra.launcher.workspace.resource_group=b",
+           "hydra.launcher.workspace.workspace_name=c"]
+    with pytest.raises(UserError) as e:
+        check(setting, *ids)
+    assert "acts on the finished job: add hydra.launcher.wait=true" in str(e.value) and "\n" not in str(e.value)
+    check(setting, "hydra.launcher.wait=true", *ids)

@@ -112,3 +112,86 @@ def test_sweep_plot_has_a_panel_per_swept_parameter(tmp_path):
     out = plots.sweep(rows, "eval_accuracy", tmp_path / plots.SWEEP_PLOT)
     assert out.read_bytes().startswith(b"\x89PNG")
     assert plots.sweep(rows[:1], "eval_accuracy", tmp_path / "one.png") is None  # nothing varies: no plot
+
+
+# --- inside an Azure ML job: the run Azure ML created for it ------------------------------------
+
+@pytest.fixture
+def azure_run(tmp_path, monkeypatch):
+    """A local MLflow store standing in for Azure's: a run made beforehand with the job's name, and
+    the two variables Azure ML sets in its jobs (MLFLOW_TRACKING_URI, MLFLOW_RUN_ID)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'azure.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("nlpwf", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment, run_name="calm_lemon_x1y2")  # Azure's job name
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    yield client, run.info.run_id
+    import mlflow
+
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def test_an_azure_job_reports_to_mlflow_whatever_the_logger():
+    cfg = compose("logger=none")
+    assert tracking.report_to(cfg.logger) == []
+    env = {"MLFLOW_TRACKING_URI": "azureml://westeurope.api.azureml.ms/mlflow/v1.0/subscriptions/x", "MLFLOW_RUN_ID": "r"}
+    assert tracking.job_run(env) == (env["MLFLOW_TRACKING_URI"], "r")
+    assert tracking.job_run({"MLFLOW_TRACKING_URI": "sqlite:///x.db"}) is None  # a local store: no job run
+
+
+def test_rank_0_logs_into_the_job_run_without_renaming_it(azure_run, tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+
+    client, run_id = azure_run
+    cfg = compose("logger=none", "training.learning_rate=3e-05", return_hydra_config=True)
+    assert tracking.report_to(cfg.logger) == ["mlflow"]  # the training curve too (transformers' MLflowCallback)
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)  # as on the nodes: the payload's config, with the point's overrides
+    try:
+        job_dir = tmp_path / "outputs"  # no .hydra/ there: the remote job writes none
+        job_dir.mkdir()
+        task_cfg = compose("logger=none", "training.learning_rate=3e-05")  # the task's part, without hydra
+        tracker = tracking.start(task_cfg, job_dir, is_main=True)
+        assert tracker is not None and tracker.run_ids()["mlflow"] == run_id
+        import os
+
+        assert "MLFLOW_RUN_ID" not in os.environ  # so the MLflowCallback reuses the run instead of starting one
+        (job_dir / "metrics.json").write_text('{"eval_accuracy": 0.75}')
+        tracker.finish({"eval_accuracy": 0.75, "model": "tiny_bert"}, [job_dir / "metrics.json"])
+    finally:
+        HydraConfig.instance().cfg = previous
+    run = client.get_run(run_id)
+    assert run.info.run_name == "calm_lemon_x1y2"  # the job's name, as Studio shows it
+    assert run.data.tags["nlpwf.overrides"] == "logger=none training.learning_rate=3e-05"
+    assert run.data.metrics["final/eval_accuracy"] == 0.75
+    assert run.data.params["training.learning_rate"] == "3e-05" and run.data.params["model.name"]
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"metrics.json", "nlpwf_config.yaml"}
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # no other run was started
+
+
+def test_not_the_main_rank_logs_nothing(azure_run, tmp_path):
+    assert tracking.start(compose("logger=none"), tmp_path, is_main=False) is None
+
+
+@pytest.mark.slow
+def test_training_in_an_azure_job_fills_the_job_run(azure_run, tmp_path):
+    """A whole training with logger=none, as a job's rank 0 runs it: the training curve
+    (MLflowCallback), nlpwf's final metrics and params land in Azure's run, still named as before."""
+    import os
+
+    client, run_id = azure_run
+    job = tmp_path / "job"
+    proc = run_cli(*TINY, "logger=none", f"hydra.run.dir={job}",
+                   env={"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_RUN_ID": run_id})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.run_name == "calm_lemon_x1y2"
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert steps and steps == sorted(steps)  # the training curve, from transformers' MLflowCallback
+    assert "final/eval_accuracy" in run.data.metrics and run.data.params["model.name"] == "tiny_bert"
+    assert run.data.tags["nlpwf.overrides"].split()[-1] == "logger=none"
+    assert len(client.search_runs([run.info.experiment_id])) == 1

@@ -1,18 +1,34 @@
-"""Run an Azure ML job on this machine, the way Azure ML runs it on its nodes.
+"""Run an Azure ML job on this machine, the way Azure ML runs it on its nodes, and no more kindly.
 
-The job's own spec is read back from job.yaml (as the submission does); its snapshot is
-copied once per node into a scratch dir, and each node's copy is the working dir of that
-node's processes; the job's command runs nodes x processes times, through a shell, with the
-env contract Azure ML's PyTorch distribution sets plus the job's environment variables. OMP
-threads are scaled to this machine (a 32-vCPU VM size does not fit here). Then the outputs
-are collected into the job dir exactly as a download of a finished Azure job is
-(submit.collect), and the task's return value is read from them.
+The job's own spec is read back from job.yaml (as the submission does). Then, as on Azure:
+- each node gets its own freshly created working dir holding a copy of the code snapshot;
+- each input is "mounted" at a path of its own: a copy in the emulation's scratch dir, never
+  the original (read-only for ro_mount: files and folders lose their write bits), and the
+  command sees that path through `${{inputs.NAME}}`;
+- each named output is a folder of a local stand-in for the workspace's datastores
+  (`hydra.launcher.emulate_datastore`, default <job dir>/azureml/datastore), at the path the
+  job declares (azureml://datastores/NAME/paths/PATH -> <datastore>/NAME/PATH); an output with
+  no declared path, which Azure puts under the job's own name, is <job dir>/azureml/named_outputs/
+  OUTPUT. Writes land there as they happen (rw_mount), so a job started again on the same
+  outputs finds its checkpoints;
+- the job's command runs nodes x processes times, through a shell, with only the variables
+  Azure ML's PyTorch distribution documents (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, NODE_RANK,
+  RANK, LOCAL_RANK) plus the job's own environment variables: no LOCAL_WORLD_SIZE, no
+  OMP_NUM_THREADS but the job's, and a MASTER_ADDR on this machine's network interface, not
+  loopback (runtime.workers, azureml=True). The job's thread count is the VM's, not this
+  machine's: set hydra.launcher.environment_variables.OMP_NUM_THREADS to emulate a big VM size
+  on a small machine without oversubscribing it.
+Then the results output is collected into the job dir exactly as a download of a finished
+Azure job is (submit.collect), and the task's return value is read from it.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
+import shlex
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -21,16 +37,19 @@ from typing import Any
 from omegaconf import DictConfig
 
 from nlpwf.azureml import job as azjob
-from nlpwf.azureml import payload
 from nlpwf.azureml.job import JobSpec
 from nlpwf.azureml.submit import collect, task_return
 from nlpwf.errors import UserError
-from nlpwf.runtime.threads import threads_per_process
 from nlpwf.runtime.workers import raise_for_exit, run_workers
 
 log = logging.getLogger(__name__)
 
-SCRATCH_DIR = "emulate"  # <job dir>/azureml/emulate when hydra.launcher.emulate_dir is not set
+SCRATCH_DIR = "emulate"      # <job dir>/azureml/emulate when hydra.launcher.emulate_dir is not set
+DATASTORE_DIR = "datastore"  # <job dir>/azureml/datastore when hydra.launcher.emulate_datastore is not set
+MOUNTS_DIR = "mounts"        # <scratch>/mounts/NAME: the inputs as the nodes see them
+OUTPUTS_DIR = "named_outputs"  # <job dir>/azureml/named_outputs/NAME: outputs with no declared path
+_DATASTORE_URI = re.compile(r"^azureml://datastores/([^/]+)/paths/(.*)$")
+_BINDING = re.compile(r"\$\{\{\s*(inputs|outputs)\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
 def scratch_dir(spec: JobSpec, settings: DictConfig) -> Path:
@@ -41,9 +60,60 @@ def scratch_dir(spec: JobSpec, settings: DictConfig) -> Path:
         base.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=base))
     scratch = spec.job_dir / azjob.AZURE_DIR / SCRATCH_DIR
-    shutil.rmtree(scratch, ignore_errors=True)
+    _remove(scratch)
     scratch.mkdir(parents=True)
     return scratch
+
+
+def datastore_root(spec: JobSpec, settings: DictConfig) -> Path:
+    if settings.get("emulate_datastore"):
+        return Path(settings.emulate_datastore).expanduser().resolve()
+    return spec.job_dir / azjob.AZURE_DIR / DATASTORE_DIR
+
+
+def datastore_path(uri: str, root: Path) -> Path:
+    m = _DATASTORE_URI.match(uri)
+    if not m:
+        raise UserError(f"{uri}: emulation reads only local paths and azureml://datastores/NAME/paths/PATH "
+                        "(from hydra.launcher.emulate_datastore); a data asset exists only in the workspace")
+    return root / m.group(1) / m.group(2).strip("/")
+
+
+def mount_input(name: str, job_input, scratch: Path, root: Path) -> Path:
+    """A copy of the input at a path of its own (read-only unless downloaded): what the nodes see."""
+    path = str(job_input.path)
+    source = datastore_path(path, root) if path.startswith("azureml:") else Path(path)
+    if not source.exists():
+        raise UserError(f"input {name}: {source} does not exist (the job's {path})")
+    target = scratch / MOUNTS_DIR / name
+    if source.is_dir():
+        shutil.copytree(source, target)
+        mounted = target
+    else:
+        target.mkdir(parents=True)
+        mounted = target / source.name
+        shutil.copy2(source, mounted)
+    if str(getattr(job_input, "mode", None) or "ro_mount") != "download":
+        _set_writable(target, False)
+    return mounted
+
+
+def output_path(name: str, job_output, spec: JobSpec, root: Path) -> Path:
+    declared = getattr(job_output, "path", None)
+    path = datastore_path(str(declared), root) if declared else spec.job_dir / azjob.AZURE_DIR / OUTPUTS_DIR / name
+    if not declared:
+        _remove(path)  # a new job's own output starts empty
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def bind(command: str, bound: dict[tuple[str, str], Path]) -> str:
+    """The command with ${{inputs.NAME}} / ${{outputs.NAME}} replaced, as Azure ML does on a node."""
+    def one(m: re.Match) -> str:
+        if (m.group(1), m.group(2)) not in bound:
+            raise UserError(f"the job's command refers to {m.group(0)}, which the job does not declare")
+        return shlex.quote(str(bound[(m.group(1), m.group(2))]))
+    return _BINDING.sub(one, command)
 
 
 def run(spec: JobSpec, settings: DictConfig) -> Any:
@@ -53,27 +123,49 @@ def run(spec: JobSpec, settings: DictConfig) -> Any:
     nodes = job.resources.instance_count
     procs = job.distribution.process_count_per_instance
     scratch = scratch_dir(spec, settings)
-    for node in range(nodes):  # every node gets its own copy of the code, as on Azure
+    root = datastore_root(spec, settings)
+    for node in range(nodes):  # every node gets its own fresh copy of the code, as on Azure
         shutil.copytree(job.code, scratch / f"node-{node}")
-    # The image's `python` is this interpreter here: put it first on PATH, change nothing else.
+    bound: dict[tuple[str, str], Path] = {}
+    for name, job_input in (job.inputs or {}).items():
+        bound[("inputs", name)] = mount_input(name, job_input, scratch, root)
+    for name, job_output in (job.outputs or {}).items():
+        bound[("outputs", name)] = output_path(name, job_output, spec, root)
+    command = bind(job.command, bound)
+    # The image's `python` is this interpreter here: put it first on PATH; else only the job's variables.
     env = {**{k: str(v) for k, v in (job.environment_variables or {}).items()},
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    threads = threads_per_process(None, nodes * procs)  # every emulated node shares this machine
-    log.info("emulating Azure ML job %s here: %d node(s) x %d process(es), %d thread(s) each, in %s/node-N",
-             spec.name, nodes, procs, threads, scratch)
+    log.info("emulating Azure ML job %s here: %d node(s) x %d process(es), %s thread(s) each, in %s/node-N; "
+             "outputs in %s", spec.name, nodes, procs, env.get("OMP_NUM_THREADS", "torch's default"), scratch, root)
     # A shell enters the rank's node dir (NODE_RANK is in the contract) and runs the job's command verbatim.
-    in_node_dir = ["/bin/sh", "-c", 'cd "node-$NODE_RANK" && exec /bin/sh -c "$1"', "sh", job.command]
-    code = run_workers(in_node_dir, nodes, procs, cwd=scratch, extra_env=env, threads=threads)
+    in_node_dir = ["/bin/sh", "-c", 'cd "node-$NODE_RANK" && exec /bin/sh -c "$1"', "sh", command]
+    code = run_workers(in_node_dir, nodes, procs, cwd=scratch, extra_env=env, azureml=True)
     if code == UserError.exit_code and not settings.get("emulate_dir"):
         _remove(scratch)  # nothing to inspect: the job's message above says what to fix
-    raise_for_exit(code, f"the emulated Azure ML job {spec.name}", f"its nodes' working dirs are kept in {scratch}")
-    remote_outputs = scratch / "node-0" / payload.REMOTE_RUN_DIR  # rank 0 runs on node 0
-    collect(remote_outputs, spec.job_dir)
+    raise_for_exit(code, f"the emulated Azure ML job {spec.name}",
+                   f"its nodes' working dirs are kept in {scratch}; its outputs are in {root}")
+    results = bound.get(("outputs", azjob.RESULTS_OUTPUT))
+    download = scratch / "download"
+    shutil.copytree(results, download / azjob.RESULTS_OUTPUT)  # a download copies; the output stays in the datastore
+    collect(download / azjob.RESULTS_OUTPUT, spec.job_dir)
     value = task_return(spec.job_dir, f"the emulated Azure ML job {spec.name}")
     if not settings.get("emulate_dir"):  # a dir the user chose is theirs to inspect
         _remove(scratch)
     return value
 
 
+def _set_writable(path: Path, writable: bool) -> None:
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in sorted(paths, key=lambda p: len(p.parts), reverse=writable is False):
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode
+        bits = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+        os.chmod(p, (mode | stat.S_IWUSR) if writable else (mode & ~bits))
+
+
 def _remove(scratch: Path) -> None:
+    mounts = scratch / MOUNTS_DIR
+    if mounts.exists():
+        _set_writable(mounts, True)
     shutil.rmtree(scratch, ignore_errors=True)

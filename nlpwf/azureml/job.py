@@ -25,7 +25,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from nlpwf import PROJECT_ROOT
-from nlpwf.azureml import payload, snapshot, workspace
+from nlpwf.azureml import inputs, payload, snapshot, workspace
 from nlpwf.config.checks import check_job
 from nlpwf.errors import UserError
 from nlpwf.runtime import jobfile, threads
@@ -37,8 +37,17 @@ JOB_YAML = "job.yaml"
 SNAPSHOT_DIR = "snapshot"
 OUTPUTS_DIR = "outputs"        # <job dir>/azureml/outputs: the job's ./outputs, once it has ended
 REMOTE_COMMAND = f"python -m nlpwf.azureml.remote {payload.PAYLOAD_FILE}"
-# Inputs that may name a local folder: the snapshot carries code, not data or weights.
-LOCAL_INPUTS = ("dataset.data_dir", "model.source", "model.tokenizer")
+# The job's named outputs (uri_folder, written as they happen: rw_mount). On the nodes the run
+# dir is `results` (model/, metrics.json, train_log.csv, plots, the task's return value) and
+# training's checkpoint_dir is `checkpoints`, so both outlive a preempted node.
+RESULTS_OUTPUT = "results"
+CHECKPOINTS_OUTPUT = "checkpoints"
+OUTPUT_MODE = "rw_mount"
+# Where a job's checkpoints output lives in the datastore: known before submitting, so a
+# resubmitted job can name it again (hydra.launcher.checkpoints_from=JOB_NAME).
+CHECKPOINTS_PATH = "azureml://datastores/{datastore}/paths/nlpwf/checkpoints/{job}/"
+# gloo picks its interface from the hostname, which may resolve to loopback on the nodes.
+DEFAULT_ENV = {"GLOO_SOCKET_IFNAME": "eth0"}
 CLUSTER_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{1,15}$")  # AmlCompute's naming rule
 
 
@@ -54,6 +63,8 @@ class JobSpec:
     nodes: int = 1
     processes_per_node: int = 1
     environment_variables: dict[str, str] = field(default_factory=dict)
+    inputs: list = field(default_factory=list)      # inputs.JobInput, one per distinct path
+    checkpoints: str | None = None                  # the checkpoints output's datastore URI (train jobs)
 
 
 def nlpwf_job(cfg: DictConfig) -> bool:
@@ -70,9 +81,33 @@ def layout(cfg: DictConfig) -> tuple[int, int]:
 
 
 def omp_threads(cfg: DictConfig) -> int:
-    """OMP threads per process on the VM: the configured count, else its physical cores shared out."""
-    return threads.threads_per_process(cfg.compute.get("threads_per_process"), int(cfg.compute.processes_per_node),
+    """OMP threads per process on the VM: the configured count, else its physical cores shared
+    out among the processes the stage really runs there (one for every stage but train)."""
+    return threads.threads_per_process(cfg.compute.get("threads_per_process"), layout(cfg)[1],
                                        cores=cfg.compute.get("cores"))
+
+
+def trains(cfg: DictConfig) -> bool:
+    return nlpwf_job(cfg) and cfg.stage.name == "train"
+
+
+def checkpoints_uri(name: str, settings: DictConfig) -> str:
+    """The checkpoints output of job `name`: its own path, or the one of the job it continues."""
+    source = settings.get("checkpoints_from")
+    if source and str(source).startswith("azureml://"):
+        return str(source)
+    return CHECKPOINTS_PATH.format(datastore=settings.get("datastore") or "workspaceblobstore", job=source or name)
+
+
+def command(cfg: DictConfig, job_inputs: list) -> str:
+    """The job's command: the remote entry with the overrides that point the config at the
+    job's inputs and outputs on the nodes (nlpwf.azureml.remote applies them)."""
+    args = [*inputs.command_args(job_inputs), f"hydra.run.dir=${{{{outputs.{RESULTS_OUTPUT}}}}}"]
+    if trains(cfg):
+        args.append(f"checkpoint_dir=${{{{outputs.{CHECKPOINTS_OUTPUT}}}}}")
+        if OmegaConf.select(cfg, "training.resume", default=None) in (None, "null", "none"):
+            args.append("training.resume=auto")  # a retried or resubmitted job continues from its checkpoints
+    return " ".join([REMOTE_COMMAND, *args])
 
 
 def cluster_of(cfg: DictConfig, settings: DictConfig) -> dict:
@@ -104,17 +139,38 @@ def validate(cfg: DictConfig, settings: DictConfig, sweeper_target: str | None, 
                             f"lower nodes or set compute.cluster.max_instances={cfg.nodes}")
         if cfg.compute.get("cores") is None and not cfg.compute.get("threads_per_process"):
             raise UserError(f"compute={cfg.compute.name} has no cores count: set compute.cores (physical cores per VM)")
-        for key in LOCAL_INPUTS:
-            value = OmegaConf.select(cfg, key, default=None)
-            if isinstance(value, str) and not value.startswith("package:") and Path(value).expanduser().exists():
-                raise UserError(f"{key}={value} is a folder on this machine, which the Azure ML job cannot read: "
-                                "use a Hub id, or a path that exists on the nodes (e.g. a mounted datastore)")
+    inputs.job_inputs(cfg, cwd)  # each path key: here, an Azure ML URI, or a package/Hub id (raises otherwise)
+    inputs.check_mode(settings.get("input_mode") or "ro_mount")
     if not settings.environment.image:
         docker_context(settings)  # raises when missing
+        if nlpwf_job(cfg):
+            refuse_what_the_image_lacks(cfg)
     if not (settings.dry_run or settings.emulate):
         if not settings.wait and sweeper_target and not sweeper_target.endswith("BasicSweeper"):
             raise UserError("this sweeper needs each job's result: add hydra.launcher.wait=true")
+        for key in ("register_model", "download_model"):  # both act once the job has ended
+            if settings.get(key) and not settings.wait:
+                raise UserError(f"hydra.launcher.{key}={settings.get(key)} acts on the finished job: "
+                                "add hydra.launcher.wait=true")
         workspace.check(settings.workspace, start=cwd)
+
+
+def refuse_what_the_image_lacks(cfg: DictConfig) -> None:
+    """Settings whose software docker/ does not install (docker/Dockerfile says why) fail on the
+    nodes only after the wait for them: refused here, each as one line. A ready image
+    (hydra.launcher.environment.image) may carry them, so it is not checked."""
+    if cfg.get("logger") is not None and cfg.logger.get("wandb") is not None:
+        raise UserError("logger=wandb: wandb is not in the Azure ML image (docker/), and its API key would show in "
+                        "the job's environment in Studio: use logger=mlflow or logger=none (Studio shows the "
+                        "metrics either way), or a ready image with wandb (hydra.launcher.environment.image)")
+    if OmegaConf.select(cfg, "stage.name", default=None) == "quantize":
+        raise UserError("stage=quantize: neural-compressor is not in the Azure ML image (docker/): download the "
+                        "model (hydra.launcher.download_model=true) and quantize it here, or use a ready image "
+                        "with it (hydra.launcher.environment.image)")
+    if OmegaConf.select(cfg, "training.torch_compile", default=False):
+        raise UserError("training.torch_compile=true: torch.compile needs a C++ compiler, which the slim Azure ML "
+                        "image (docker/) does not have: set training.torch_compile=false, or use a ready image with "
+                        "one (hydra.launcher.environment.image)")
 
 
 def check_python(packed: payload.Packed, settings: DictConfig) -> None:
@@ -145,7 +201,7 @@ def job_name(num: int) -> str:
 
 
 def environment_variables(cfg: DictConfig, settings: DictConfig) -> dict[str, str]:
-    env = {}
+    env = dict(DEFAULT_ENV)
     if nlpwf_job(cfg):
         env["OMP_NUM_THREADS"] = str(omp_threads(cfg))
         env["TOKENIZERS_PARALLELISM"] = "false"  # its thread pool would compete with the OMP threads of the ranks
@@ -187,8 +243,13 @@ def display_name(cfg: DictConfig, hydra_cfg: DictConfig) -> str:
 
 def command_job(spec: JobSpec, cfg: DictConfig, settings: DictConfig, hydra_cfg: DictConfig, code, environment):
     """The SDK's CommandJob. `code` and `environment` are paths/objects or ARM ids."""
-    from azure.ai.ml import PyTorchDistribution
-    from azure.ai.ml.entities import CommandJob, JobResourceConfiguration
+    from azure.ai.ml import Output, PyTorchDistribution
+    from azure.ai.ml.entities import CommandJob, CommandJobLimits, JobResourceConfiguration
+
+    mode = inputs.check_mode(settings.get("input_mode") or "ro_mount")
+    outputs = {RESULTS_OUTPUT: Output(type="uri_folder", mode=OUTPUT_MODE)}
+    if spec.checkpoints:
+        outputs[CHECKPOINTS_OUTPUT] = Output(type="uri_folder", mode=OUTPUT_MODE, path=spec.checkpoints)
 
     return CommandJob(
         name=spec.name,
@@ -196,12 +257,16 @@ def command_job(spec: JobSpec, cfg: DictConfig, settings: DictConfig, hydra_cfg:
         experiment_name=settings.experiment_name,
         tags=tags(hydra_cfg),
         code=code,
-        command=REMOTE_COMMAND,
+        command=command(cfg, spec.inputs),
+        inputs={i.name: i.to_sdk(mode) for i in spec.inputs},
+        outputs=outputs,
         environment=environment,
         environment_variables=spec.environment_variables,
         compute=spec.cluster["name"],
         resources=JobResourceConfiguration(instance_count=spec.nodes),
         distribution=PyTorchDistribution(process_count_per_instance=spec.processes_per_node),
+        # Azure cancels a job that runs longer (hydra.launcher.timeout_s; null: no limit)
+        limits=CommandJobLimits(timeout=int(settings.timeout_s)) if settings.get("timeout_s") else None,
     )
 
 
@@ -235,15 +300,38 @@ def prepare(sweep_config: DictConfig, task_cfg: DictConfig, job_dir: Path, setti
         cluster=cluster_of(sweep_config, settings),
         vm_size=OmegaConf.select(sweep_config, "compute.vm_size", default=None),
         nodes=nodes, processes_per_node=procs, environment_variables=environment_variables(sweep_config, settings),
+        inputs=inputs.job_inputs(sweep_config, hydra_cfg.runtime.cwd),
     )
+    if trains(sweep_config):
+        spec.checkpoints = checkpoints_uri(spec.name, settings)
     job = command_job(spec, sweep_config, settings, hydra_cfg, code=str(snap), environment=environment(settings))
     _quiet_sdk()
     job.dump(str(spec.job_yaml))
+    keep_local_paths(spec.job_yaml, spec.inputs)
     load(spec.job_yaml)  # the SDK's own client-side validation, on exactly what will be sent
     log.info("Azure ML job %s: %d node(s) x %d process(es) on cluster %s, task %s%s, spec %s",
              spec.name, nodes, procs, spec.cluster["name"], packed.task_name,
              " (by value)" if packed.by_value else "", spec.job_yaml)
+    for i in spec.inputs:
+        log.info("input %s (%s, %s): %s%s", i.name, i.type, "uploaded at submit" if i.local else "in place",
+                 i.path, f" for {', '.join(i.keys)}")
+    if spec.checkpoints:
+        log.info("checkpoints output: %s", spec.checkpoints)
     return spec
+
+
+def keep_local_paths(job_yaml: Path, job_inputs: list) -> None:
+    """The SDK dumps every input's path as an asset reference (`azureml:/local/path`), which
+    would load back as one and never be uploaded: local inputs get their plain path back."""
+    import yaml
+
+    local = {i.name: i.path for i in job_inputs if i.local}
+    if not local:
+        return
+    spec = yaml.safe_load(job_yaml.read_text())
+    for name, path in local.items():
+        spec["inputs"][name]["path"] = path
+    job_yaml.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
 def load(job_yaml: Path):

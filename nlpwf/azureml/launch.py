@@ -24,7 +24,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from nlpwf.azureml import emulate, submit
+from nlpwf.azureml import emulate, inputs, submit, workspace
 from nlpwf.azureml import job as azjob
 from nlpwf.azureml.job import JobSpec
 from nlpwf.errors import UserError
@@ -89,12 +89,41 @@ def launch(sweep: launching.Sweep, settings: DictConfig, job_overrides: Sequence
         for run, spec in ready:  # one after the other: each one uses every core of this machine
             settle(run, spec, emulated(spec, settings))
     else:
-        outcomes = submit.execute([spec for _, spec in ready], settings) if ready else []
+        outcomes = submit_batch([spec for _, spec in ready], settings) if ready else []
         for (run, spec), outcome in zip(ready, outcomes):
             settle(run, spec, outcome)
         label = None if settings.wait else "SUBMITTED"  # it may still fail in Azure
     launching.record(sweep, runs, [label] * len(runs))
     return runs
+
+
+def submit_batch(specs: list[JobSpec], settings: DictConfig, ml_client=None) -> list:
+    """submit.execute, after the batch's local inputs are uploaded: each distinct local path once
+    (jobs submitted in parallel would otherwise each upload it), and each job's spec then names
+    the uploaded copy (<job dir>/azureml/job.submitted.yaml; job.yaml keeps the local path)."""
+    if any(i.local for spec in specs for i in spec.inputs):
+        try:
+            ml_client = ml_client or workspace.client(settings.workspace, **workspace.retry_kwargs(settings))
+            upload_inputs(ml_client, specs)
+        except Exception as e:  # noqa: BLE001 - e.g. not signed in: every job of the batch fails with it
+            error = RuntimeError(f"nothing submitted: uploading the jobs' inputs failed: {type(e).__name__}: {str(e).strip()}")
+            return [error] * len(specs)
+    return submit.execute(specs, settings, ml_client=ml_client)
+
+
+def upload_inputs(ml_client, specs: list[JobSpec]) -> dict[str, str]:
+    """Upload the batch's local inputs once each; returns {local path: azureml:// URI}."""
+    import yaml
+
+    docs = [yaml.safe_load(spec.job_yaml.read_text()) for spec in specs]
+    uploaded = inputs.upload_local(ml_client, docs)
+    for spec, doc in zip(specs, docs):
+        submitted = spec.job_yaml.with_name("job.submitted.yaml")
+        submitted.write_text(yaml.safe_dump(doc, sort_keys=False))
+        spec.job_yaml = submitted
+    for path, uri in uploaded.items():
+        log.info("uploaded %s to %s", path, uri)
+    return uploaded
 
 
 def settle(run: JobReturn, spec: JobSpec, outcome: Any) -> None:

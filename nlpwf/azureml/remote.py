@@ -7,6 +7,12 @@ job runs it (Azure's PyTorch distribution starts processes_per_node of them on e
 each with the env contract: RANK, WORLD_SIZE, ...); they share the pinned run dir ./outputs
 and write no `.hydra/`. Rank 0 leaves the task's return value there for the launcher.
 
+The command's further arguments are `key=value` overrides the launcher put there because only
+Azure knows their values when the job starts: the mounted paths of the job's inputs
+(`dataset.data_dir=${{inputs.dataset_data_dir}}`, azureml.inputs), the run dir on the `results`
+output and the checkpoint dir on the `checkpoints` output (azureml.job). They are set in the
+payload's config before run_job, as plain values.
+
 The exit code is the job's outcome, which is all Azure ML sees: run_job turns a task's
 exception into a failed JobReturn, so a failed job exits 1 here (after its traceback); a
 SystemExit of the task (nlpwf's task exits 2 on bad input) passes through unchanged.
@@ -19,16 +25,27 @@ from pathlib import Path
 
 from hydra.core.utils import JobStatus, run_job
 from hydra.types import HydraContext
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from nlpwf.azureml import payload
 from nlpwf.runtime import contract
 
 
+def apply_overrides(config: DictConfig, overrides: list[str]) -> None:
+    """`key=value` of the command into the job's config (values as strings: paths and words)."""
+    with read_write(config), open_dict(config):
+        for item in overrides:
+            key, _, value = item.partition("=")
+            with read_write(config.hydra), open_dict(config.hydra):
+                OmegaConf.update(config, key, value, merge=False, force_add=True)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(f"usage: python -m nlpwf.azureml.remote {payload.PAYLOAD_FILE}", file=sys.stderr)
+    if not argv or any("=" not in a for a in argv[1:]):
+        print(f"usage: python -m nlpwf.azureml.remote {payload.PAYLOAD_FILE} [key=value ...]", file=sys.stderr)
         return 2
     job = payload.read(Path(argv[0]))
+    apply_overrides(job.config, argv[1:])
     payload.restore(job)
     # run_job reads only the callbacks of its context: the config loader is the launcher's business.
     ret = run_job(hydra_context=HydraContext(config_loader=None, callbacks=job.callbacks),

@@ -4,12 +4,21 @@ Jobs of a batch are submitted and watched in parallel threads: a sweep's points 
 on Azure at the same time instead of one after the other. What is submitted is each job's
 job.yaml loaded back by the SDK, so a dry run shows exactly what would be sent. A finished
 job's result is what its task returned on the nodes (payload.RETURN_FILE in its outputs).
+
+Waiting is bounded: the job carries a time limit (job.py), a job still waiting for nodes after
+`queue_timeout_s` is cancelled, a transient HTTP error while polling is retried (azure-core's
+RetryPolicy in the MLClient, then the poll loop itself), and when the sweep aborts (a failed
+job under a sweeper that stops at the first failure, or Ctrl-C) the batch's other jobs are
+cancelled (`cancel_on_abort`). Only the small results come back (metrics.json, train_log.csv,
+the plots; model/ with `download_model`), streamed blob by blob to disk; checkpoints stay in Azure.
 """
 from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,30 +32,129 @@ from nlpwf.results import files
 log = logging.getLogger(__name__)
 
 TERMINAL = {"Completed", "Failed", "Canceled", "NotResponding", "Paused"}
-DOWNLOAD_DIR = "download"
+# Accepted but not yet running on nodes: waiting for quota or nodes, building the image, ...
+WAITING = {"NotStarted", "Queued", "Preparing", "Provisioning", "Starting"}
+RESULTS_OUTPUT = azjob.RESULTS_OUTPUT  # the named output with model/, metrics.json, train_log.csv, the plots
+DEFAULT_OUTPUT = "default"      # the SDK's name of the default artifact store (./outputs, ./logs)
+RESULTS_DIR = azjob.OUTPUTS_DIR  # <job dir>/azureml/outputs: what came back of a finished job
+RESULT_FILES = (files.METRICS_FILE, files.TRAIN_LOG_FILE, payload.RETURN_FILE)
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+CHUNK = 4 * 1024 * 1024
 
 
-def collect(remote_outputs: Path, job_dir: Path) -> None:
-    """A finished job's ./outputs into <job dir>/azureml/outputs, and its metrics.json (nlpwf's
-    tasks write one) into the job dir itself, where the sweep summary reads it."""
-    remote_outputs, job_dir = Path(remote_outputs), Path(job_dir)
-    if not remote_outputs.is_dir():
-        return
-    local = job_dir / azjob.AZURE_DIR / azjob.OUTPUTS_DIR
+def wanted(relative: str, download_model: bool) -> bool:
+    """Whether a blob of the results (path relative to the output's root) comes back:
+    the small result files and plots at its top, and model/ only when asked."""
+    parts = relative.split("/")
+    if len(parts) == 1:
+        return parts[0] in RESULT_FILES or parts[0].endswith(".png")
+    return download_model and parts[0] == files.MODEL_DIR
+
+
+def collect(downloaded: Path, job_dir: Path) -> None:
+    """A finished job's downloaded results (the folder is moved) into <job dir>/azureml/outputs,
+    and its metrics.json (nlpwf's tasks write one) into the job dir itself, where the sweep
+    summary reads it."""
+    downloaded, job_dir = Path(downloaded), Path(job_dir)
+    local = job_dir / azjob.AZURE_DIR / RESULTS_DIR
     if local.exists():
         shutil.rmtree(local)
-    shutil.copytree(remote_outputs, local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(downloaded), str(local))
     metrics = files.read_metrics(local)
     if metrics is not None:
         files.write_json(job_dir / files.METRICS_FILE, metrics)
 
 
 def task_return(job_dir: Path, who: str):
-    """What the job's task returned, from its collected outputs."""
-    path = Path(job_dir) / azjob.AZURE_DIR / azjob.OUTPUTS_DIR / payload.RETURN_FILE
+    """What the job's task returned, from its collected results."""
+    path = Path(job_dir) / azjob.AZURE_DIR / RESULTS_DIR / payload.RETURN_FILE
     if not path.is_file():
         raise RuntimeError(f"{who} ended without its task's return value ({payload.RETURN_FILE} is not in its outputs)")
     return payload.read_return(path)
+
+
+# --- outputs in the datastore ------------------------------------------------------------------
+
+def output_uri(ml_client, name: str, output: str) -> str | None:
+    """The azureml://datastores/... URI of a job's output: the path the job declared, else the
+    one Azure chose (asked from the service); None when the job has no such output."""
+    job = ml_client.jobs.get(name)
+    declared = (getattr(job, "outputs", None) or {}).get(output) if output != DEFAULT_OUTPUT else None
+    path = getattr(declared, "path", None)
+    if path and str(path).startswith("azureml://"):
+        return str(path)
+    if output != DEFAULT_OUTPUT and declared is None:
+        return None
+    found = ml_client.jobs._get_named_output_uri(name, output)  # the SDK's own lookup (run history)
+    return found.get(output)
+
+
+def container(ml_client, datastore: str):
+    """azure-storage-blob's ContainerClient for a datastore, with the MLClient's transport and
+    retry settings (so tests record these requests too)."""
+    from azure.ai.ml._artifacts._artifact_utilities import get_datastore_info
+    from azure.storage.blob import ContainerClient
+
+    info = get_datastore_info(ml_client.datastores, datastore)
+    passed = {k: v for k, v in getattr(ml_client, "_kwargs", {}).items() if k == "transport" or k.startswith("retry_")}
+    return ContainerClient(info["account_url"], info["container_name"], credential=info["credential"],
+                           max_single_get_size=CHUNK, max_chunk_get_size=CHUNK, **passed)
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(datastore, path prefix) of azureml://[subscriptions/.../workspaces/W/]datastores/D/paths/P."""
+    from azure.ai.ml._utils._storage_utils import AzureMLDatastorePathUri
+
+    parsed = AzureMLDatastorePathUri(uri)
+    return parsed.datastore, parsed.path.strip("/")
+
+
+def fetch(ml_client, uri: str, dest: Path, keep) -> list[str]:
+    """Stream the blobs under `uri` whose relative path `keep` accepts into `dest`, one chunk at
+    a time (never a whole blob in memory). Their relative paths."""
+    datastore, prefix = split_uri(uri)
+    client = container(ml_client, datastore)
+    got = []
+    try:
+        for blob in client.list_blobs(name_starts_with=f"{prefix}/" if prefix else None):
+            relative = blob.name[len(prefix):].lstrip("/") if prefix else blob.name
+            if not relative or relative.endswith("/") or ".." in relative.split("/") or not keep(relative):
+                continue
+            target = dest / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with target.open("wb") as f:
+                client.download_blob(blob.name, max_concurrency=1).readinto(f)
+            got.append(relative)
+    finally:
+        if "transport" not in getattr(ml_client, "_kwargs", {}):  # a transport given to the MLClient stays open
+            client.close()
+    return got
+
+
+def download_results(ml_client, spec: JobSpec, settings: DictConfig) -> list[str]:
+    """The job's results (see `wanted`) into <job dir>/azureml/outputs; what came back. From its
+    named output `results`; a job without it (built before that output existed) has them in
+    ./outputs of the default artifact store. Streamed into a temporary folder that is always removed."""
+    download_model = bool(settings.get("download_model", False))
+    (spec.job_dir / azjob.AZURE_DIR).mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=spec.job_dir / azjob.AZURE_DIR))
+    try:
+        uri = output_uri(ml_client, spec.name, RESULTS_OUTPUT)
+        if uri is not None:
+            root = scratch / RESULTS_OUTPUT
+            got = fetch(ml_client, uri, root, lambda rel: wanted(rel, download_model))
+        else:
+            uri = output_uri(ml_client, spec.name, DEFAULT_OUTPUT)
+            outputs = payload.REMOTE_RUN_DIR + "/"
+            root = scratch / DEFAULT_OUTPUT / payload.REMOTE_RUN_DIR
+            got = [] if uri is None else fetch(ml_client, uri, scratch / DEFAULT_OUTPUT, lambda rel: (
+                rel.startswith(outputs) and wanted(rel[len(outputs):], download_model)))
+        root.mkdir(parents=True, exist_ok=True)
+        collect(root, spec.job_dir)
+        return got
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def ensure_cluster(ml_client, cluster: dict, vm_size: str | None, nodes: int) -> None:
@@ -82,6 +190,15 @@ def job_status(ml_client, name: str) -> str:
     return str(getattr(status, "value", status))  # the SDK answers with a str enum; messages want "Failed"
 
 
+def transient(error: BaseException) -> bool:
+    """An HTTP error worth polling again for (azure-core's RetryPolicy has already retried it)."""
+    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+
+    if isinstance(error, (ServiceRequestError, ServiceResponseError)):
+        return True
+    return isinstance(error, HttpResponseError) and getattr(error, "status_code", None) in TRANSIENT_STATUS
+
+
 def error_text(ml_client, name: str, status: str) -> str:
     """Azure's own account of why a job ended badly."""
     if status != "Failed":
@@ -93,56 +210,169 @@ def error_text(ml_client, name: str, status: str) -> str:
     return f"Azure ML job {name} failed (Azure gave no error details; see its logs in Studio)"
 
 
+def cancel(ml_client, name: str) -> bool:
+    """Ask Azure ML to cancel a job (without waiting for it to stop); whether the request went through."""
+    try:
+        ml_client.jobs.begin_cancel(name)
+        return True
+    except Exception as e:  # noqa: BLE001 - a job that ended meanwhile cannot be cancelled; say so and go on
+        log.warning("could not cancel Azure ML job %s: %s", name, str(e).strip().splitlines()[0] if str(e).strip() else e)
+        return False
+
+
 class Stopped(Exception):
-    """The user stopped watching (Ctrl-C); the job itself goes on in Azure ML."""
+    """The user stopped watching (Ctrl-C)."""
 
 
-def wait_one(ml_client, spec: JobSpec, settings: DictConfig, stream: bool, stop: threading.Event):
+class QueueTimeout(RuntimeError):
+    """The job waited for nodes longer than queue_timeout_s and was cancelled."""
+
+
+def _setting(settings: DictConfig, key: str, default=None):
+    value = settings.get(key, default)
+    return default if value is None else value
+
+
+def poll(ml_client, name: str, settings: DictConfig, stop: threading.Event, since: float) -> str:
+    """Poll until the job ends: its final status. A job still waiting for nodes after
+    queue_timeout_s (counted from `since`, its submission) is cancelled (QueueTimeout); transient
+    HTTP errors are tolerated for up to `transient_errors_max` polls in a row."""
+    queue_timeout = _setting(settings, "queue_timeout_s")
+    tolerated = int(_setting(settings, "transient_errors_max", 10))
+    errors = 0
+    status = None
+    while True:
+        try:
+            status = job_status(ml_client, name)
+            errors = 0
+        except Exception as e:
+            if not transient(e) or errors >= tolerated:
+                raise
+            errors += 1
+            log.warning("polling Azure ML job %s: transient error (%d/%d), trying again: %s", name, errors, tolerated,
+                        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        if status in TERMINAL:
+            return status
+        if status in WAITING and queue_timeout is not None and time.monotonic() - since > float(queue_timeout):
+            cancel(ml_client, name)
+            raise QueueTimeout(f"Azure ML job {name} was still {status} after hydra.launcher.queue_timeout_s="
+                               f"{queue_timeout:g} and was cancelled: check the cluster's quota and max_instances in Studio")
+        if stop.wait(float(settings.poll_interval_s)):
+            raise Stopped(name)
+
+
+def wait_one(ml_client, spec: JobSpec, settings: DictConfig, stream: bool, stop: threading.Event,
+             since: float | None = None):
     """Block until the job ends; its task's return value, or an exception describing the failure."""
     name = spec.name
+    since = time.monotonic() if since is None else since
     if stream:
         try:
             ml_client.jobs.stream(name)
         except Exception as e:  # noqa: BLE001 - a failure's details come from error_text below
             log.debug("stream of %s ended: %s", name, e)
-    status = job_status(ml_client, name)
-    if stream and status not in TERMINAL:  # the SDK ends its stream early only when interrupted
-        raise Stopped(name)
-    while status not in TERMINAL:
-        if stop.wait(settings.poll_interval_s):
+        if job_status(ml_client, name) not in TERMINAL:  # the SDK ends its stream early only when interrupted
             raise Stopped(name)
-        status = job_status(ml_client, name)
+    status = poll(ml_client, name, settings, stop, since)
     if status != "Completed":
         return RuntimeError(error_text(ml_client, name, status))
-    download = spec.job_dir / azjob.AZURE_DIR / DOWNLOAD_DIR
-    ml_client.jobs.download(name, download_path=str(download))
-    collect(download / "artifacts" / payload.REMOTE_RUN_DIR, spec.job_dir)
+    got = download_results(ml_client, spec, settings)
+    log.info("Azure ML job %s: downloaded %d result file(s) to %s", name, len(got),
+             spec.job_dir / azjob.AZURE_DIR / RESULTS_DIR)
     value = task_return(spec.job_dir, f"Azure ML job {name}")
     log.info("Azure ML job %s completed: its task returned %r", name, value)
+    if settings.get("register_model"):
+        register_model(ml_client, name, str(settings.register_model))
     return value
 
 
-def execute(specs: list[JobSpec], settings: DictConfig, ml_client=None) -> list:
+def register_model(ml_client, job_name: str, model_name: str):
+    """The job's model/ (in its results output) as an Azure ML model asset; its version is printed."""
+    from azure.ai.ml.constants import AssetTypes
+    from azure.ai.ml.entities import Model
+
+    model = ml_client.models.create_or_update(Model(
+        path=f"azureml://jobs/{job_name}/outputs/{RESULTS_OUTPUT}/paths/{files.MODEL_DIR}",
+        name=model_name, type=AssetTypes.CUSTOM_MODEL,
+        description=f"model/ of nlpwf's Azure ML job {job_name} (a transformers save_pretrained folder)",
+        tags={"nlpwf_job": job_name},
+    ))
+    print(f"registered model {model.name} version {model.version} from Azure ML job {job_name}", flush=True)
+    return model
+
+
+def aborts_on_failure() -> bool:
+    """Whether the running sweep stops at its first failed job (Optuna's sweeper with its default
+    max_failure_rate 0.0), so that the batch's other jobs would run for nothing."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    sweeper = HydraConfig.get().get("sweeper") or {}
+    target = str(sweeper.get("_target_", ""))
+    return "optuna" in target.lower() and float(sweeper.get("max_failure_rate", 0.0) or 0.0) == 0.0
+
+
+def execute(specs: list[JobSpec], settings: DictConfig, ml_client=None, abort_on_failure: bool | None = None) -> list:
     """Submit every job (and wait, if asked). One outcome per job: its task's return value (None
-    when not waiting) or an exception. Clusters are checked once, before the first submission."""
+    when not waiting) or an exception. Clusters are checked once, before the first submission.
+    `abort_on_failure`: the sweep ends at the first failed job (default: ask the running sweeper);
+    then, and on Ctrl-C, the batch's other jobs are cancelled when `cancel_on_abort` is set."""
     try:
-        ml_client = ml_client or workspace.client(settings.workspace)
+        ml_client = ml_client or workspace.client(settings.workspace, **workspace.retry_kwargs(settings))
         for name in sorted({s.cluster["name"] for s in specs}):
             first = next(s for s in specs if s.cluster["name"] == name)
             ensure_cluster(ml_client, first.cluster, first.vm_size, max(s.nodes for s in specs))
     except Exception as e:  # noqa: BLE001 - e.g. not signed in: every job of the batch fails with it
         error = RuntimeError(f"nothing submitted: {type(e).__name__}: {str(e).strip()}")
         return [error] * len(specs)
+    abort_on_failure = aborts_on_failure() if abort_on_failure is None else abort_on_failure
+    cancel_on_abort = bool(settings.get("cancel_on_abort", True))
     stop = threading.Event()
+    lock = threading.Lock()
+    running: set[str] = set()   # submitted and not known to have ended
+    aborted: list[str] = []     # the job whose failure aborts the sweep
 
     def one(spec: JobSpec, stream: bool = False):
+        if stop.is_set():  # the sweep aborted before this job's turn: it is not sent
+            return RuntimeError(f"Azure ML job {spec.name}: not submitted, the sweep aborted")
         try:
+            since = time.monotonic()
             submit_one(ml_client, spec)
-            return wait_one(ml_client, spec, settings, stream, stop) if settings.wait else None
+            with lock:  # stop is set before the running jobs are listed for cancelling: a job is listed, or
+                late = stop.is_set()  # sees stop here and was submitted too late for the list
+                if not late:
+                    running.add(spec.name)
+            if late:
+                if cancel_on_abort and cancel(ml_client, spec.name):
+                    print(f"cancelled Azure ML job {spec.name}: submitted as the sweep stopped", flush=True)
+                raise Stopped(spec.name)
+            if not settings.wait:
+                return None
+            outcome = wait_one(ml_client, spec, settings, stream, stop, since)
         except Stopped:
             raise
         except Exception as e:  # noqa: BLE001 - one job's failure must not lose the others' results
-            return RuntimeError(f"Azure ML job {spec.name}: {type(e).__name__}: {str(e).strip()}")
+            outcome = RuntimeError(str(e).strip() if isinstance(e, QueueTimeout)
+                                   else f"Azure ML job {spec.name}: {type(e).__name__}: {str(e).strip()}")
+        with lock:
+            running.discard(spec.name)
+            if isinstance(outcome, BaseException) and abort_on_failure and not aborted and not stop.is_set():
+                aborted.append(spec.name)
+                stop.set()  # the other watchers end at their next poll; their jobs are cancelled below
+        return outcome
+
+    def cancel_running(why: str) -> None:
+        with lock:
+            names = sorted(running)
+        if not names:
+            print(f"{why}: no submitted job is still running", flush=True)
+            return
+        if not cancel_on_abort:
+            print(f"{why}: submitted jobs keep running in Azure ML (Studio shows them)", flush=True)
+            return
+        cancelled = [n for n in names if cancel(ml_client, n)]
+        print(f"{why}: cancelled Azure ML job(s) {', '.join(cancelled) or '(none)'}", flush=True)
 
     try:
         if settings.wait and settings.stream and len(specs) == 1:  # in this thread, so Ctrl-C reaches the stream
@@ -150,10 +380,20 @@ def execute(specs: list[JobSpec], settings: DictConfig, ml_client=None) -> list:
         pool = ThreadPoolExecutor(max_workers=max(1, min(settings.max_parallel, len(specs))))
         try:
             futures = [pool.submit(one, spec) for spec in specs]
-            return [f.result() for f in futures]
+            outcomes = []
+            for spec, future in zip(specs, futures):
+                try:
+                    outcomes.append(future.result())
+                except Stopped:  # its watcher stopped because another job aborted the sweep
+                    outcomes.append(RuntimeError(f"Azure ML job {spec.name}: cancelled, the sweep aborted "
+                                                 f"when job {aborted[0]} failed" if aborted and cancel_on_abort else
+                                                 f"Azure ML job {spec.name}: no longer watched, the sweep aborted"))
+            if aborted:
+                cancel_running(f"the sweep aborts after job {aborted[0]} failed")
+            return outcomes
         finally:
             stop.set()  # on Ctrl-C the watchers end at their next poll; normally they are all done
             pool.shutdown(wait=False, cancel_futures=True)
     except (KeyboardInterrupt, Stopped):
-        print("stopped watching: submitted jobs keep running in Azure ML (Studio shows them)", flush=True)
+        cancel_running("stopped watching")
         raise KeyboardInterrupt from None

@@ -60,3 +60,14 @@ def client(ws: DictConfig, credential=None, **kwargs):
     if explicit_ids(ws):
         return MLClient(credential, ws.subscription_id, ws.resource_group, ws.workspace_name, **kwargs)
     return MLClient.from_config(credential, path=str(find_config(ws)), **kwargs)
+
+
+def retry_kwargs(settings: DictConfig) -> dict:
+    """azure-core's RetryPolicy settings for every request of the MLClient (and of the blob
+    downloads, which reuse them): transient errors (408, 429, 5xx, dropped connections) are
+    retried with exponential backoff (backoff_factor * 2**(attempt-1) s, or Azure's Retry-After)."""
+    out = {}
+    for key in ("retry_total", "retry_backoff_factor", "retry_backoff_max"):
+        if settings.get(key) is not None:
+            out[key] = settings.get(key)
+    return out

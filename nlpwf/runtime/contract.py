@@ -37,11 +37,20 @@ def from_env() -> Rank | None:
     )
 
 
+# What a launcher may set beyond CONTRACT (torchrun, nlpwf's local workers) and Azure ML does not:
+# a process of an Azure ML job must not depend on these.
+NOT_AZUREML = ("LOCAL_WORLD_SIZE", "OMP_NUM_THREADS", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+               "LOCAL_GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
 def contract_env(rank: int, local_rank: int, node_rank: int, world_size: int, local_world_size: int,
-                 port: int, threads: int) -> dict[str, str]:
-    """The variables of one rank started on this machine."""
-    return {
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
+                 port: int, threads: int, master_addr: str = "127.0.0.1", azureml: bool = False) -> dict[str, str]:
+    """The variables of one rank started on this machine. `azureml`: only what Azure ML's
+    PyTorch distribution documents (CONTRACT), as its nodes see them."""
+    env = {
+        "MASTER_ADDR": master_addr, "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
         "RANK": str(rank), "LOCAL_RANK": str(local_rank), "NODE_RANK": str(node_rank),
-        "LOCAL_WORLD_SIZE": str(local_world_size), "OMP_NUM_THREADS": str(threads),
     }
+    if not azureml:
+        env.update(LOCAL_WORLD_SIZE=str(local_world_size), OMP_NUM_THREADS=str(threads))
+    return env

@@ -32,6 +32,13 @@ MARKER = "nlpwf_complete.json"
 _STEP = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
+def folder_of(cfg, job_dir: Path) -> Path:
+    """Where the job's checkpoints go: the root key `checkpoint_dir` when set (an Azure ML job's
+    read-write `checkpoints` output), else <job dir>/checkpoints."""
+    configured = cfg.get("checkpoint_dir") if cfg is not None else None
+    return Path(str(configured)).expanduser() if configured else Path(job_dir) / CHECKPOINT_DIR
+
+
 def step_of(path: Path) -> int | None:
     m = _STEP.match(Path(path).name)
     return int(m.group(1)) if m else None
@@ -152,4 +159,6 @@ def resume_hint(checkpoint_dir: Path, job_dir: Path) -> str:
     newest = newest_complete(checkpoint_dir)
     if newest is None:
         return "no checkpoint was complete yet: run it again"
+    if Path(checkpoint_dir) != Path(job_dir) / CHECKPOINT_DIR:
+        return f"newest complete checkpoint: {newest}; continue with training.resume=auto checkpoint_dir={checkpoint_dir}"
     return f"newest complete checkpoint: {newest}; continue with training.resume=auto hydra.run.dir={job_dir}"

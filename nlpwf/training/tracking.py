@@ -7,6 +7,11 @@ sweep overrides, the MLflow store, reattaching to the same run when a job resume
 nlpwf adds the final metrics and the job's files (metrics, train log, plots) and closes them;
 a job that dies on an exception is marked failed. Each logger option of conf/logger/ adds its
 own node (`logger.wandb`, `logger.mlflow`), so `logger=[wandb,mlflow]` selects both.
+
+Inside an Azure ML job, Azure ML has already created the MLflow run Studio shows for the job
+and says so through MLFLOW_TRACKING_URI (azureml://...) and MLFLOW_RUN_ID. Rank 0 then logs the
+metrics, parameters and the overrides into that run whatever `logger` says (the other loggers
+still run), and leaves its name alone (Studio shows the job's display name).
 """
 from __future__ import annotations
 
@@ -26,8 +31,18 @@ INTEGRATIONS = ("wandb", "mlflow")  # logger option → transformers report_to n
 RUNS_FILE = "tracking_runs.json"  # run ids, so a resumed job reports into the same runs
 
 
+def job_run(env=os.environ) -> tuple[str, str] | None:
+    """(tracking URI, run id) of the MLflow run the platform made for this job (Azure ML sets
+    both in its jobs: MLFLOW_TRACKING_URI=azureml://..., MLFLOW_RUN_ID), else None."""
+    uri, run_id = env.get("MLFLOW_TRACKING_URI"), env.get("MLFLOW_RUN_ID")
+    return (uri, run_id) if uri and run_id else None
+
+
 def report_to(logger_cfg: DictConfig) -> list[str]:
-    return [name for name in INTEGRATIONS if logger_cfg.get(name) is not None]
+    names = [name for name in INTEGRATIONS if logger_cfg.get(name) is not None]
+    if job_run() is not None and "mlflow" not in names:
+        names.append("mlflow")  # the training curve into the job's own run (Studio's Metrics tab)
+    return names
 
 
 def wandb_mode(env=os.environ) -> str:
@@ -59,11 +74,19 @@ def run_name(job_dir: Path) -> str:
 
 def overrides(job_dir: Path) -> list[str]:
     """The command-line overrides of this job, as the launching process recorded them (workers
-    re-enter with the resolved config and have none of their own)."""
+    re-enter with the resolved config and have none of their own): .hydra/overrides.yaml in the
+    job dir, else Hydra's config of the running job (an Azure ML job writes no .hydra/; its
+    payload's config carries the sweep point's overrides)."""
+    from hydra.core.hydra_config import HydraConfig
+
     path = Path(job_dir) / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return []
-    return [o for o in OmegaConf.load(path) if not str(o).startswith("hydra.")]
+    if path.is_file():
+        found = list(OmegaConf.load(path))
+    elif HydraConfig.initialized():
+        found = list(OmegaConf.select(HydraConfig.get(), "overrides.task", default=None) or [])
+    else:
+        found = []
+    return [str(o) for o in found if not str(o).startswith("hydra.")]
 
 
 def _flat(cfg: DictConfig) -> dict[str, str]:
@@ -89,7 +112,9 @@ class Tracker:
         self.wandb = self.mlflow = None
         self.finished = False
         known = self._known_runs()
-        if cfg.logger.get("mlflow") is not None:
+        if job_run() is not None:  # the job's own run, whatever `logger` says
+            self._start_job_run(*job_run())
+        elif cfg.logger.get("mlflow") is not None:
             self._start_mlflow(cfg.logger.mlflow, known.get("mlflow"))
         if cfg.logger.get("wandb") is not None:
             self._start_wandb(cfg.logger.wandb, known.get("wandb"))
@@ -125,6 +150,28 @@ class Tracker:
                 mlflow.log_params(dict(items[i:i + 100]))
         self.mlflow = mlflow
         log.info("mlflow: run %s in %s", run.info.run_id, uri if uri.startswith("sqlite:") else "the tracking server")
+
+    def _start_job_run(self, uri: str, run_id: str) -> None:
+        """The run Azure ML created for the job: reattached as it is (its name is the job's),
+        given the overrides, the job dir and, once, the parameters."""
+        import mlflow
+
+        if self.cfg.logger.get("mlflow") is not None and self.cfg.logger.mlflow.get("tracking_uri"):
+            log.info("mlflow: logger.mlflow.tracking_uri is not used inside an Azure ML job: metrics go to the job's run")
+        mlflow.set_tracking_uri(uri)
+        run = mlflow.start_run(run_id=run_id)  # no run_name: renaming would hide the job's name in Studio
+        # transformers' MLflowCallback starts a run of its own (named after the job dir, which would
+        # rename this one) when it sees MLFLOW_RUN_ID; without it, it reuses the active run.
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        mlflow.set_tags({"nlpwf.job_dir": str(self.job_dir),
+                         "nlpwf.overrides": " ".join(overrides(self.job_dir)) or "(none)"})
+        if not run.data.params:  # a retried job reattaches to a run that has them (a param cannot change)
+            mlflow.log_dict(OmegaConf.to_container(self.cfg, resolve=True), "nlpwf_config.yaml")
+            items = list(_flat(self.cfg).items())
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+                mlflow.log_params(dict(items[i:i + 100]))
+        self.mlflow = mlflow
+        log.info("mlflow: logging into the job's run %s", run.info.run_id)
 
     def _start_wandb(self, wcfg: DictConfig, run_id: str | None) -> None:
         import wandb

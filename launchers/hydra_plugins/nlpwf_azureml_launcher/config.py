@@ -34,6 +34,25 @@ class AzureMLLauncherConf:
     # run the generated job on this machine as Azure ML would (snapshot copy, env contract).
     emulate: bool = False
     poll_interval_s: float = 30.0
+    # Bounded waiting. The job's time limit on Azure (limits.timeout; null: none): Azure cancels it after that.
+    timeout_s: Optional[int] = None
+    # A job still NotStarted/Queued/Preparing/Provisioning/Starting this long after submission is
+    # cancelled and reported (no quota, cluster at max_instances). Generous: the first job builds the image.
+    queue_timeout_s: Optional[float] = 7200.0
+    # azure-core's RetryPolicy for every HTTP request (408, 429, 5xx, dropped connections): tries
+    # and exponential backoff (retry_backoff_factor * 2**(n-1) s, at most retry_backoff_max s).
+    retry_total: int = 10
+    retry_backoff_factor: float = 0.8
+    retry_backoff_max: float = 120.0
+    # polls in a row that may still fail transiently (after those retries) before the job is reported failed
+    transient_errors_max: int = 10
+    # when the sweep aborts (Ctrl-C, or a failed job under a sweeper that stops at the first
+    # failure, such as Optuna's default max_failure_rate 0), cancel the batch's other jobs
+    cancel_on_abort: bool = True
+    # with wait: also download the trained model/ (metrics.json, train_log.csv and the plots always come back)
+    download_model: bool = False
+    # with wait: register the successful job's model/ (its results output) as this Azure ML model asset
+    register_model: Optional[str] = None
     # jobs of a sweep submitted and watched at the same time
     max_parallel: int = 8
     experiment_name: str = "nlpwf"
@@ -49,6 +68,17 @@ class AzureMLLauncherConf:
     # where emulate copies the snapshot for each node; null: <job dir>/azureml/emulate, removed
     # when the job succeeds (a failed job's node dirs are kept either way)
     emulate_dir: Optional[str] = None
+    # How the nodes see the job's inputs (local data and models, uploaded at submit, and azureml:
+    # URIs): ro_mount (read on demand) or download (copied to the node's disk before the command).
+    input_mode: str = "ro_mount"
+    # The datastore of the job's checkpoints output (azureml://datastores/NAME/paths/nlpwf/checkpoints/JOB/).
+    datastore: str = "workspaceblobstore"
+    # A job name (or an azureml://datastores/... folder): the new job writes to and resumes from that
+    # job's checkpoints output (resubmitting a preempted or failed job; training.resume=auto).
+    checkpoints_from: Optional[str] = None
+    # emulate: the local folder standing for the workspace's datastores (the named outputs live in
+    # it, as on Azure); null: <job dir>/azureml/datastore. Keep it to emulate a resubmission.
+    emulate_datastore: Optional[str] = None
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="nlpwf_azureml", node=AzureMLLauncherConf, provider="nlpwf")
