@@ -2,9 +2,9 @@
 uninterrupted run with the same seed ends."""
 from __future__ import annotations
 
-import pytest
-
 import shutil
+
+import pytest
 
 from nlpwf.training import checkpoints
 

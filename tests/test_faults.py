@@ -2,14 +2,13 @@
 writes a checkpoint, and determinism of the loss trace."""
 from __future__ import annotations
 
-import pytest
-
 import os
 import signal
 import subprocess
 import time
 
 import psutil
+import pytest
 import torch
 from safetensors.torch import load_file
 

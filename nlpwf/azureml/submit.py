@@ -326,74 +326,94 @@ def execute(specs: list[JobSpec], settings: DictConfig, ml_client=None, abort_on
     except Exception as e:  # noqa: BLE001 - e.g. not signed in: every job of the batch fails with it
         error = RuntimeError(f"nothing submitted: {type(e).__name__}: {str(e).strip()}")
         return [error] * len(specs)
-    abort_on_failure = aborts_on_failure() if abort_on_failure is None else abort_on_failure
-    cancel_on_abort = bool(settings.get("cancel_on_abort", True))
-    stop = threading.Event()
-    lock = threading.Lock()
-    running: set[str] = set()   # submitted and not known to have ended
-    aborted: list[str] = []     # the job whose failure aborts the sweep
+    abort = aborts_on_failure() if abort_on_failure is None else abort_on_failure
+    return Batch(ml_client, settings, abort).run(specs)
 
-    def one(spec: JobSpec, stream: bool = False):
-        if stop.is_set():  # the sweep aborted before this job's turn: it is not sent
+
+class Batch:
+    """The jobs of one batch in flight: submitted and watched in threads, and cancelled together
+    when the sweep aborts (a failed job when `abort_on_failure`, or Ctrl-C)."""
+
+    def __init__(self, ml_client, settings: DictConfig, abort_on_failure: bool) -> None:
+        self.ml_client, self.settings, self.abort_on_failure = ml_client, settings, abort_on_failure
+        self.cancel_on_abort = bool(settings.get("cancel_on_abort", True))
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.running: set[str] = set()  # submitted and not known to have ended
+        self.aborted: list[str] = []    # the job whose failure aborts the sweep
+
+    def run(self, specs: list[JobSpec]) -> list:
+        try:
+            if self.settings.wait and self.settings.stream and len(specs) == 1:  # in this thread, so Ctrl-C reaches the stream
+                return [self.one(specs[0], stream=True)]
+            pool = ThreadPoolExecutor(max_workers=max(1, min(self.settings.max_parallel, len(specs))))
+            try:
+                futures = [pool.submit(self.one, spec) for spec in specs]
+                outcomes = [self._result(spec, future) for spec, future in zip(specs, futures)]
+                if self.aborted:
+                    self.cancel_running(f"the sweep aborts after job {self.aborted[0]} failed")
+                return outcomes
+            finally:
+                self.stop.set()  # on Ctrl-C the watchers end at their next poll; normally they are all done
+                pool.shutdown(wait=False, cancel_futures=True)
+        except (KeyboardInterrupt, Stopped):
+            self.cancel_running("stopped watching")
+            raise KeyboardInterrupt from None
+
+    def _result(self, spec: JobSpec, future):
+        try:
+            return future.result()
+        except Stopped:  # its watcher stopped because another job aborted the sweep
+            if self.aborted and self.cancel_on_abort:
+                return RuntimeError(f"Azure ML job {spec.name}: cancelled, the sweep aborted when job {self.aborted[0]} failed")
+            return RuntimeError(f"Azure ML job {spec.name}: no longer watched, the sweep aborted")
+
+    def one(self, spec: JobSpec, stream: bool = False):
+        """Submit one job and, with `wait`, watch it to the end: its outcome."""
+        if self.stop.is_set():  # the sweep aborted before this job's turn: it is not sent
             return RuntimeError(f"Azure ML job {spec.name}: not submitted, the sweep aborted")
         try:
             since = time.monotonic()
-            submit_one(ml_client, spec)
-            with lock:  # stop is set before the running jobs are listed for cancelling: a job is listed, or
-                late = stop.is_set()  # sees stop here and was submitted too late for the list
-                if not late:
-                    running.add(spec.name)
-            if late:
-                if cancel_on_abort and cancel(ml_client, spec.name):
-                    print(f"cancelled Azure ML job {spec.name}: submitted as the sweep stopped", flush=True)
-                raise Stopped(spec.name)
-            if not settings.wait:
+            submit_one(self.ml_client, spec)
+            self._submitted(spec)
+            if not self.settings.wait:
                 return None
-            outcome = wait_one(ml_client, spec, settings, stream, stop, since)
+            outcome = wait_one(self.ml_client, spec, self.settings, stream, self.stop, since)
         except Stopped:
             raise
         except Exception as e:  # noqa: BLE001 - one job's failure must not lose the others' results
             outcome = RuntimeError(str(e).strip() if isinstance(e, QueueTimeout)
                                    else f"Azure ML job {spec.name}: {type(e).__name__}: {str(e).strip()}")
-        with lock:
-            running.discard(spec.name)
-            if isinstance(outcome, BaseException) and abort_on_failure and not aborted and not stop.is_set():
-                aborted.append(spec.name)
-                stop.set()  # the other watchers end at their next poll; their jobs are cancelled below
+        self._ended(spec, outcome)
         return outcome
 
-    def cancel_running(why: str) -> None:
-        with lock:
-            names = sorted(running)
+    def _submitted(self, spec: JobSpec) -> None:
+        # stop is set before the running jobs are listed for cancelling: a job is either listed,
+        # or sees stop here and was submitted too late for the list, and cancels itself.
+        with self.lock:
+            late = self.stop.is_set()
+            if not late:
+                self.running.add(spec.name)
+        if late:
+            if self.cancel_on_abort and cancel(self.ml_client, spec.name):
+                print(f"cancelled Azure ML job {spec.name}: submitted as the sweep stopped", flush=True)
+            raise Stopped(spec.name)
+
+    def _ended(self, spec: JobSpec, outcome) -> None:
+        with self.lock:
+            self.running.discard(spec.name)
+            if isinstance(outcome, BaseException) and self.abort_on_failure and not self.aborted and not self.stop.is_set():
+                self.aborted.append(spec.name)
+                self.stop.set()  # the other watchers end at their next poll; their jobs are cancelled in run()
+
+    def cancel_running(self, why: str) -> None:
+        with self.lock:
+            names = sorted(self.running)
         if not names:
             print(f"{why}: no submitted job is still running", flush=True)
             return
-        if not cancel_on_abort:
+        if not self.cancel_on_abort:
             print(f"{why}: submitted jobs keep running in Azure ML (Studio shows them)", flush=True)
             return
-        cancelled = [n for n in names if cancel(ml_client, n)]
+        cancelled = [n for n in names if cancel(self.ml_client, n)]
         print(f"{why}: cancelled Azure ML job(s) {', '.join(cancelled) or '(none)'}", flush=True)
-
-    try:
-        if settings.wait and settings.stream and len(specs) == 1:  # in this thread, so Ctrl-C reaches the stream
-            return [one(specs[0], stream=True)]
-        pool = ThreadPoolExecutor(max_workers=max(1, min(settings.max_parallel, len(specs))))
-        try:
-            futures = [pool.submit(one, spec) for spec in specs]
-            outcomes = []
-            for spec, future in zip(specs, futures):
-                try:
-                    outcomes.append(future.result())
-                except Stopped:  # its watcher stopped because another job aborted the sweep
-                    outcomes.append(RuntimeError(f"Azure ML job {spec.name}: cancelled, the sweep aborted "
-                                                 f"when job {aborted[0]} failed" if aborted and cancel_on_abort else
-                                                 f"Azure ML job {spec.name}: no longer watched, the sweep aborted"))
-            if aborted:
-                cancel_running(f"the sweep aborts after job {aborted[0]} failed")
-            return outcomes
-        finally:
-            stop.set()  # on Ctrl-C the watchers end at their next poll; normally they are all done
-            pool.shutdown(wait=False, cancel_futures=True)
-    except (KeyboardInterrupt, Stopped):
-        cancel_running("stopped watching")
-        raise KeyboardInterrupt from None
