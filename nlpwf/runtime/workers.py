@@ -88,25 +88,34 @@ def run_workers(
             base.pop(name, None)
         master = host_address((extra_env or {}).get("GLOO_SOCKET_IFNAME"))
     port = free_port(master)
-    procs: list[subprocess.Popen] = []
-    pumps = []
+    procs, pumps = [], []
     for node in range(nodes):
         for local in range(processes_per_node):
             rank = node * processes_per_node + local
             contract = contract_env(rank, local, node, world, processes_per_node, port, threads,
                                     master_addr=master, azureml=azureml)
-            env = {**base, **(extra_env or {}), **contract}
-            p = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, bufsize=1, start_new_session=True)
-            t = threading.Thread(target=_pump, args=(p.stdout, f"[rank {rank}] ", sys.stdout), daemon=True)
-            t.start()
-            procs.append(p)
-            pumps.append(t)
+            proc, pump = _start(command, rank, cwd, {**base, **(extra_env or {}), **contract})
+            procs.append(proc)
+            pumps.append(pump)
     if azureml:
         log.info("started %d processes (%d node(s) x %d) with Azure ML's contract, master %s", world, nodes,
                  processes_per_node, master)
     else:
         log.info("started %d worker processes (%d node(s) x %d), %d thread(s) each", world, nodes, processes_per_node, threads)
+    return _wait(procs, pumps, grace_s)
+
+
+def _start(command: list[str], rank: int, cwd: Path | None, env: dict[str, str]) -> tuple[subprocess.Popen, threading.Thread]:
+    """One rank's process, its output prefixed with `[rank N]` on this process's stdout."""
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, start_new_session=True)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, f"[rank {rank}] ", sys.stdout), daemon=True)
+    pump.start()
+    return proc, pump
+
+
+def _wait(procs: list[subprocess.Popen], pumps: list[threading.Thread], grace_s: float) -> int:
+    """Wait for every rank; stop them all when one fails. The first failing exit code, or 0."""
     failed: tuple[int, int] | None = None
     try:
         with _forwarding_sigterm(procs) as terminating:
