@@ -1,14 +1,22 @@
-"""Shared test helpers: run the CLI as a user would, compose configs, write small GLUE folders."""
+"""The tests' shared helpers and fixtures, all here: run the CLI as a user would (in the foreground or
+in the background to be killed), compose configs, write small GLUE folders, save a tiny model,
+and read what a job left behind."""
 from __future__ import annotations
 
+import csv
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from nlpwf import CONF_DIR, PROJECT_ROOT
+from nlpwf import CONF_DIR, PROJECT_ROOT, models
+from nlpwf.training import checkpoints
 
 SHARED_MRPC = PROJECT_ROOT.parent / "shared" / "data" / "mrpc"
 
@@ -31,6 +39,13 @@ _WORK_DIRS: list[Path] = []
 @pytest.fixture(scope="session", autouse=True)
 def _session_work_dir(tmp_path_factory):
     _WORK_DIRS.append(tmp_path_factory.mktemp("cli"))  # for session-scoped fixtures
+    # datasets' Arrow cache (every data source is memory-mapped from it): under the session's
+    # temp dir, for this process (already imported datasets) and every process a test starts.
+    cache = tmp_path_factory.mktemp("hf_datasets")
+    os.environ["HF_DATASETS_CACHE"] = str(cache)
+    import datasets
+
+    datasets.config.HF_DATASETS_CACHE = cache
     yield
 
 
@@ -82,3 +97,84 @@ def glue_dir(tmp_path: Path) -> Path:
     write_glue(d / "train.tsv", pairs(48))
     write_glue(d / "dev.tsv", pairs(16, start=100))
     return d
+
+
+# ---- killing and resuming runs (reliability tests) -------------------------------------------
+
+# A tiny run long enough to be killed in the middle: 10 steps per epoch, 2 epochs,
+# a checkpoint every 3 steps and at each epoch end.
+RESUMABLE = [*TINY, "dataset.max_train_samples=160", "training.num_train_epochs=2",
+             "training.save_steps=3", "training.save_total_limit=2"]
+
+
+def start_cli(*args: str, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    """`python -m nlpwf ARGS` in the background, in its own process group, output to `log`."""
+    out = open(log, "w") if log else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", "nlpwf", *args], cwd=work_dir(), stdout=out, stderr=subprocess.STDOUT,
+        env={**os.environ, **OFFLINE_ENV, **(env or {})}, start_new_session=True,
+    )
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120, poll: float = 0.01):
+    """Poll until `predicate()` is truthy; fail if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (code {proc.returncode}) before the awaited moment")
+        time.sleep(poll)
+    raise AssertionError("timed out waiting")
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def complete_steps(job: Path) -> list[int]:
+    return [checkpoints.step_of(p) for p in checkpoints.complete_checkpoints(job / checkpoints.CHECKPOINT_DIR)]
+
+
+def loss_trace(job: Path) -> dict[int, float]:
+    """Training loss per logged step, from the job's train_log.csv."""
+    with (job / "train_log.csv").open() as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")}
+
+
+def metrics(job: Path) -> dict:
+    return json.loads((job / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory) -> Path:
+    """One RESUMABLE run start to end: the reference for resume and determinism tests."""
+    job = tmp_path_factory.mktemp("whole") / "job"
+    proc = run_cli(*RESUMABLE, f"hydra.run.dir={job}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return job
+
+
+# ---- a tiny saved model (serving stage tests) -----------------------------------------------
+
+def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+    # BERT's default init (std 0.02) gives a random model near-constant logits; a wider one
+    # makes its outputs, and so its labels, depend on the input as a trained model's do.
+    cfg = compose("model=tiny_bert", "+model.config.initializer_range=0.5").model
+    torch.manual_seed(seed)
+    model = models.load_model(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    models.load_tokenizer(cfg).save_pretrained(str(folder))
+    return folder
+
+
+def sentence_pairs(n: int, start: int = 0) -> list[tuple[str, str]]:
+    words = ["cat", "dog", "market", "shares", "rose", "fell", "court", "ruled", "river", "city"]
+    return [(f"The {words[i % 10]} and the {words[(i * 3) % 10]} met on day {i} .",
+             f"A {words[(i * 7) % 10]} saw {words[(i + 1) % 10]} {i % 5} times .") for i in range(start, start + n)]

@@ -7,7 +7,8 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.launcher import Launcher
 
 from nlpwf.azureml import job as azjob
-from tests.conftest import compose
+
+from conftest import compose
 
 LAUNCHER_TARGET = "hydra_plugins.nlpwf_azureml_launcher.azureml_launcher.NlpwfAzureMLLauncher"
 
@@ -57,7 +58,7 @@ def test_launcher_settings_defaults():
 def test_cli_with_launcher_local_runs_here_as_a_plain_run(tmp_path):
     """No --multirun: the Azure option with launcher=local is a plain run (outputs/, not multirun/).
     nodes=0 stops it at the input checks, before any process starts."""
-    from tests.conftest import run_cli
+    from conftest import run_cli
 
     r = run_cli("compute=d32_v5", "launcher=local", "nodes=0", cwd=tmp_path)
     assert r.returncode == 2

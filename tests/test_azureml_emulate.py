@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY, run_cli
+from conftest import TINY, run_cli
 
 
 @pytest.mark.slow
@@ -130,7 +130,7 @@ def _emulate(tmp_path, data: Path, name: str, datastore: Path, *extra: str, pope
     import subprocess
     import sys
 
-    from tests.conftest import OFFLINE_ENV
+    from conftest import OFFLINE_ENV
 
     args = ["experiment=quickstart", "dataset=mrpc", f"dataset.data_dir={data}", "compute=d32_v5", "nodes=2",
             "model=tiny_bert", "dataset.max_train_samples=128", "dataset.max_eval_samples=32",
@@ -174,7 +174,7 @@ def _kill_tree(proc) -> None:
 
 @pytest.fixture
 def mrpc_dir(tmp_path) -> Path:
-    from tests.conftest import pairs, write_glue
+    from conftest import pairs, write_glue
 
     d = tmp_path / "mrpc"
     d.mkdir()

@@ -15,8 +15,9 @@ from nlpwf.azureml import inputs, launch, payload, remote, submit, workspace
 from nlpwf.azureml.inputs import JobInput
 from nlpwf.azureml.job import JobSpec
 from nlpwf.errors import UserError
-from tests.conftest import pairs, run_cli, write_glue
 from tests.test_azureml_job import FAKE_WS, FakeCredential, RecordingTransport
+
+from conftest import pairs, run_cli, write_glue
 
 
 def cfg(**values):

@@ -15,7 +15,8 @@ from azure.core.utils import CaseInsensitiveDict
 
 from nlpwf.azureml import job as azjob
 from nlpwf.azureml import launch, payload, submit, workspace
-from tests.conftest import run_cli
+
+from conftest import run_cli
 
 FAKE_WS = {"subscription_id": "11111111-2222-3333-4444-555555555555", "resource_group": "rg-nlpwf-test",
            "workspace_name": "ws-nlpwf-test"}

@@ -351,7 +351,7 @@ def test_a_failed_job_of_a_sweep_that_goes_on_leaves_its_siblings_running(tmp_pa
 def test_the_sweeper_says_whether_a_failure_aborts_the_sweep(overrides, aborts):
     from hydra.core.hydra_config import HydraConfig
 
-    from tests.conftest import compose
+    from conftest import compose
 
     cfg = compose(*overrides, return_hydra_config=True)
     previous = HydraConfig.instance().cfg

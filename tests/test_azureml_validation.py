@@ -8,7 +8,8 @@ from omegaconf import open_dict
 
 from nlpwf.azureml import job as azjob
 from nlpwf.errors import UserError
-from tests.conftest import compose, run_cli
+
+from conftest import compose, run_cli
 
 
 def composed(*overrides):

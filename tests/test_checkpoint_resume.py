@@ -8,8 +8,7 @@ import pytest
 
 from nlpwf.training import checkpoints
 
-from conftest import run_cli
-from reliability_helpers import RESUMABLE, complete_steps, kill_group, loss_trace, metrics, start_cli, uninterrupted, wait_for
+from conftest import RESUMABLE, complete_steps, kill_group, loss_trace, metrics, run_cli, start_cli, wait_for
 
 pytestmark = pytest.mark.slow  # every test here trains end to end
 
@@ -17,7 +16,6 @@ pytestmark = pytest.mark.slow  # every test here trains end to end
 # run repeats the same arithmetic: on one process the results agree to float rounding.
 TOLERANCE = 1e-6
 
-__all__ = ["uninterrupted"]  # a shared fixture
 
 
 def test_checkpoints_every_n_steps_and_each_epoch_end(uninterrupted):

@@ -16,12 +16,10 @@ from nlpwf.errors import PeerLost
 from nlpwf.runtime import contract, jobfile, workers
 from nlpwf.training import checkpoints
 
-from conftest import OFFLINE_ENV, compose, run_cli
-from reliability_helpers import RESUMABLE, complete_steps, kill_group, loss_trace, metrics, start_cli, uninterrupted, wait_for
+from conftest import OFFLINE_ENV, RESUMABLE, complete_steps, compose, kill_group, loss_trace, metrics, run_cli, start_cli, wait_for
 
 pytestmark = pytest.mark.slow  # every test here trains end to end
 
-__all__ = ["uninterrupted"]  # a shared fixture
 
 DDP = [*RESUMABLE, "compute.processes_per_node=2"]
 

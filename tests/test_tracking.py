@@ -89,6 +89,7 @@ def test_mlflow_uses_azure_tracking_uri_when_set(tmp_path, monkeypatch):
 def test_output_root_is_the_folder_of_job_dirs(tmp_path):
     assert tracking.output_root(tmp_path / "outputs" / "2026-11-25" / "18-00-00", cwd=tmp_path) == tmp_path / "outputs"
     assert tracking.output_root(tmp_path / "elsewhere" / "job", cwd=tmp_path / "project") == tmp_path / "elsewhere"
+    assert tracking.output_root(tmp_path / "job", cwd=tmp_path) == tmp_path  # beside a job dir, not inside it
 
 
 def test_progress_bars_stay_in_a_terminal():

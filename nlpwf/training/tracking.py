@@ -53,12 +53,14 @@ def wandb_mode(env=os.environ) -> str:
 
 def output_root(job_dir: Path, cwd: Path | None = None) -> Path:
     """The folder that holds the job dirs: `outputs/` or `multirun/` under the directory nlpwf was
-    started in, or the job dir's parent when it lives elsewhere."""
+    started in, or the job dir's parent when it lives elsewhere or right in that directory
+    (`hydra.run.dir=job`: the store goes beside the job, not into it)."""
     job_dir, cwd = Path(job_dir).resolve(), Path(cwd or os.getcwd()).resolve()
     try:
-        return cwd / job_dir.relative_to(cwd).parts[0]
-    except (ValueError, IndexError):
+        parts = job_dir.relative_to(cwd).parts
+    except ValueError:
         return job_dir.parent
+    return cwd / parts[0] if len(parts) > 1 else job_dir.parent
 
 
 def mlflow_uri(mlflow_cfg: DictConfig, job_dir: Path) -> str:
