@@ -1,22 +1,28 @@
-"""Training speed on this machine: the seed recipe against nlpwf's fast settings, in one run.
+"""Training speed on this machine: the seed recipe and the plain transformers Trainer against
+nlpwf's fast settings, in one run.
 
-    python benchmarks/train_speed.py            # about an hour on 2 cores
+    python benchmarks/train_speed.py            # throughput and all-reduce: about 30 minutes on 2 cores
     python benchmarks/train_speed.py --quick    # a smoke run, a few minutes
+    python benchmarks/train_speed.py --sections throughput,tta,parity,allreduce   # + accuracy: about 1h15
 
-Each variant trains in its own worker process through nlpwf's real training path
-(`nlpwf.train.run`). The workers take turns: one trains for a few seconds of its own time
-while the others wait, so a burst of load from other users of the machine hits every variant
-alike. A worker's clock runs only during its turns. Sections:
+Each nlpwf variant trains in its own worker process through nlpwf's real training path
+(`nlpwf.stages.train.train`); the plain-Trainer variants train with transformers' Trainer alone
+(same data, model, seed, flags and batch order; dynamic padding; no nlpwf add-on). The workers
+take turns: one trains for a few seconds of its own time while the others wait, so a burst of
+load from other users of the machine hits every variant alike. A worker's clock runs only
+during its turns. Sections:
 
 1. peak matmul FLOP/s of this machine (large GEMM, fp32 and bf16), measured between turns;
-2. training throughput (samples/s, tokens/s, MFU) of seed, fast-fp32 and fast-bf16 for
-   minilm_l6 and the bert_base_uncased architecture (random init);
+2. training throughput (samples/s, tokens/s, MFU) of seed, plain Trainer and fast variants for
+   minilm_l6 and the bert_base_uncased architecture (random init), and the per-step loss traces
+   of variants that compute the same maths (fast against plain, unpadded against padded);
 3. time-to-accuracy on MRPC dev for minilm_l6: seed recipe against `experiment=mrpc_minilm`;
 4. parity: both recipes on minilm_l6 trained their full 3 epochs, taking turns: dev accuracy at
    each epoch end and the training throughput ratio over the whole run;
 5. gloo all-reduce time for each model's gradients, 2 processes on loopback, and the
    analytic multi-node model of benchmarks/README.md.
 
+Sections not run are carried over from the previous results file (with their own date).
 Writes benchmarks/results/train_speed.{md,json} and throughput.png, accuracy_time.png.
 """
 from __future__ import annotations
@@ -49,10 +55,20 @@ COMMON = ["training.disable_tqdm=true", "training.save_strategy=no", "training.l
 # The seed workflow's recipe (conf/experiment/mrpc_seed.yaml): fp32, every pair padded to 128,
 # random order; its global batch of 16 (2 nodes x 8) in one process, on the dev split.
 SEED = ["experiment=mrpc_seed", "dataset.eval_split=validation", "training.per_device_train_batch_size=16",
-        "training.per_device_eval_batch_size=64"]
+        "training.per_device_eval_batch_size=64", "perf.unpad=false"]
 FAST = ["experiment=mrpc_minilm"]  # the seed's optimiser settings with dynamic padding
-VARIANTS = {"seed": SEED + ["precision=fp32"], "fast-fp32": FAST + ["precision=fp32"], "fast-bf16": FAST + ["precision=bf16"]}
-DTYPE = {"seed": "fp32", "fast-fp32": "fp32", "fast-bf16": "bf16"}
+# plain-*: transformers' Trainer alone with the fast preset's data, model, flags and maths;
+# fast-bf16-padded: nlpwf without unpadding (perf.unpad=false), to show what unpadding alone gives.
+VARIANTS = {"seed": SEED + ["precision=fp32"],
+            "plain-fp32": FAST + ["precision=fp32"], "fast-fp32": FAST + ["precision=fp32"],
+            "plain-bf16": FAST + ["precision=bf16"], "fast-bf16": FAST + ["precision=bf16"],
+            "fast-bf16-padded": FAST + ["precision=bf16", "perf.unpad=false"]}
+DTYPE = {name: "bf16" if "bf16" in name else "fp32" for name in VARIANTS}
+PLAIN = {"plain-fp32", "plain-bf16"}
+THROUGHPUT_VARIANTS = {"minilm_l6": list(VARIANTS),
+                       "bert_base_uncased": ["seed", "plain-fp32", "fast-fp32", "plain-bf16", "fast-bf16"]}
+# Same maths, same batches, same seed: per-step losses that should agree to float rounding.
+LOSS_PAIRS = [("fast-fp32", "plain-fp32"), ("fast-bf16", "plain-bf16"), ("fast-bf16", "fast-bf16-padded")]
 ACCURACY_VARIANTS = ("seed", "fast-bf16")  # the recipes compared on MRPC dev accuracy
 # Workers inherit it: nothing may reach for the Hub, and the tokenizer must not start its own threads.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -105,6 +121,16 @@ def make_turns_callback(conn, turn_s: float, budget_s: float, target: float | No
             self.evals: list[dict] = []
             self.turn_own: list[tuple[float, int]] = []  # (own seconds, steps) per turn
             self.eval_s = 0.0  # own time spent evaluating (an eval runs right after a step end)
+            self.losses: list[float] = []  # each training forward's loss, in order
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None and not self.losses:
+                model.register_forward_hook(self._record_loss)
+
+        def _record_loss(self, module, inputs, output):
+            loss = getattr(output, "loss", None)
+            if module.training and loss is not None:
+                self.losses.append(float(loss.detach()))
 
         def clock(self) -> float:
             return self.own + time.perf_counter() - self.resumed
@@ -142,9 +168,40 @@ def make_turns_callback(conn, turn_s: float, budget_s: float, target: float | No
     return Turns()
 
 
+def train_plain(cfg, job_dir: Path, turns) -> dict:
+    """transformers' Trainer alone: the data, model, seed and TrainingArguments nlpwf would use
+    (so the same batches in the same order, the same flags and maths), dynamic padding by
+    DataCollatorWithPadding, and none of nlpwf's add-ons (no unpadding, pinning, allocator,
+    recorder, checkpoint or SIGTERM callbacks). Only the benchmark's own observer is added."""
+    from transformers import DataCollatorWithPadding, Trainer, set_seed
+
+    from nlpwf import models
+    from nlpwf.data.splits import load_splits
+    from nlpwf.data.tokenize import tokenize
+    from nlpwf.training.trainer import training_arguments
+
+    task, splits = load_splits(cfg.dataset)
+    tokenizer = models.load_tokenizer(cfg.model)
+    encoded = tokenize(splits, tokenizer, cfg.dataset.max_seq_length, cfg.dataset.pad_to_max_length)
+    args = training_arguments(cfg, job_dir, [])
+    set_seed(args.seed)
+    model = models.load_model(cfg.model, **task.model_config())
+
+    class Observed(Trainer):
+        def training_step(self, model, inputs, *a, **kw):
+            turns.on_train_batch(inputs)
+            return super().training_step(model, inputs, *a, **kw)
+
+    trainer = Observed(model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["eval"],
+                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer), callbacks=[turns])
+    metrics = trainer.train().metrics
+    return {**metrics, "perf_allocator": "system (stock)", "perf_activation_dtype": None, "perf_unpad": "off (stock)"}
+
+
 def worker(conn, overrides: list[str], job_dir: str, turn_s: float, budget_s: float, target, stop_at_target: bool,
-           count_setup: bool) -> None:
-    """One variant: import, wait for the first turn, then train through nlpwf.stages.train.train."""
+           count_setup: bool, plain: bool = False) -> None:
+    """One variant: import, wait for the first turn, then train through nlpwf.stages.train.train
+    (or, `plain`, through transformers' Trainer alone)."""
     try:
         import logging
 
@@ -166,12 +223,15 @@ def worker(conn, overrides: list[str], job_dir: str, turn_s: float, budget_s: fl
         conn.send(("ready",))
         conn.recv()
         turns.resumed = time.perf_counter()  # own time starts with the first turn: setup counts
-        result = train.train(cfg, Path(job_dir), callbacks=[turns])
+        if plain:
+            result = train_plain(cfg, Path(job_dir), turns)
+        else:
+            result = train.train(cfg, Path(job_dir), callbacks=[turns])
         conn.send(("done", {
             "own_s": turns.clock(), "steps": turns.steps, "batches": turns.batches, "evals": turns.evals,
             "turns": turns.turn_own, "allocator": result.get("perf_allocator"), "epoch": result.get("epoch"),
             "eval_accuracy": result.get("eval_accuracy"), "activation_dtype": result.get("perf_activation_dtype"),
-            "eval_s": turns.eval_s,
+            "eval_s": turns.eval_s, "losses": turns.losses, "unpad": result.get("perf_unpad"),
         }))
     except Exception:
         conn.send(("error", traceback.format_exc()))
@@ -193,7 +253,8 @@ def start_workers(specs: dict[str, dict], tmp: Path) -> dict:
         os.environ.update(env)
         try:
             p = ctx.Process(target=worker, args=(child, spec["overrides"], str(tmp / name), spec["turn_s"], spec["budget_s"],
-                                                 spec.get("target"), spec.get("stop_at_target", False), spec.get("count_setup", False)),
+                                                 spec.get("target"), spec.get("stop_at_target", False), spec.get("count_setup", False),
+                                                 spec.get("plain", False)),
                             daemon=True)
             p.start()
         finally:
@@ -251,7 +312,22 @@ def throughput_stats(model: str, run: dict, warmup: int = WARMUP_STEPS) -> dict:
             "model_flops_per_s": useful / seconds, "hardware_flops_per_s": padded / seconds,
             "mean_padded_length": padded_tokens / samples,
             "turn_rate_cv": statistics.pstdev(rates) / statistics.mean(rates) if len(rates) > 1 else None,
-            "allocator": run["allocator"], "activation_dtype": run["activation_dtype"]}
+            "allocator": run["allocator"], "activation_dtype": run["activation_dtype"], "unpad": run.get("unpad"),
+            "losses": run.get("losses", [])}
+
+
+def loss_traces(variants: dict) -> list[dict]:
+    """Per-step losses of the variants that compute the same maths on the same batches."""
+    out = []
+    for a, b in LOSS_PAIRS:
+        if a in variants and b in variants:
+            la, lb = variants[a]["losses"], variants[b]["losses"]
+            n = min(len(la), len(lb))
+            diffs = [abs(x - y) for x, y in zip(la[:n], lb[:n])]
+            out.append({"a": a, "b": b, "steps": n, "max_abs_diff": max(diffs, default=None),
+                        "max_abs_diff_first_20": max(diffs[:20], default=None),
+                        "mean_loss": statistics.mean(la[:n]) if n else None})
+    return out
 
 
 def measure_throughput(args, tmp: Path, peaks: dict) -> dict:
@@ -262,13 +338,15 @@ def measure_throughput(args, tmp: Path, peaks: dict) -> dict:
         budget, turn = args.throughput_s * (2 if big else 1), args.turn_s * (2 if big else 1)
         # bert-base: the seed's own 8 pairs per process, so that its slow steps still fit many turns
         batch = {"seed": ["training.per_device_train_batch_size=8"]} if big else {}
+        names = THROUGHPUT_VARIANTS[model]
         specs = {v: {"overrides": VARIANTS[v] + MODEL_ARGS[model] + COMMON + batch.get(v, []) + [
                     f"dataset.data_dir={args.data}", "training.num_train_epochs=100", "training.eval_strategy=no",
                     "dataset.max_eval_samples=8"],
-                     "threads": args.threads, "turn_s": turn, "budget_s": budget, "preload": v != "seed"}
-                 for v in VARIANTS}
+                     "threads": args.threads, "turn_s": turn, "budget_s": budget,
+                     "preload": v != "seed" and v not in PLAIN, "plain": v in PLAIN}
+                 for v in names}
         runs = take_turns(start_workers(specs, tmp / model), between=lambda: sample_peaks(peaks, args))
-        out[model] = {v: throughput_stats(model, runs[v], 1 if args.quick or big else WARMUP_STEPS) for v in VARIANTS}
+        out[model] = {v: throughput_stats(model, runs[v], 1 if args.quick or big else WARMUP_STEPS) for v in names}
     return out
 
 
@@ -412,9 +490,12 @@ def machine() -> dict:
     flags = Path("/proc/cpuinfo").read_text()
     import torch
 
+    from nlpwf.runtime import isa
     from nlpwf.training import cpu
 
+    found = isa.detect()
     return {"cpu": model_name, "cores": len(cpu.physical_core_groups(os.sched_getaffinity(0))),
+            "isa": found.summary(), "isa_flags": found.as_dict(),
             "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags, "torch": torch.__version__,
             "ipex": "yes" if cpu.ipex_module() else "no", "allocator_available": cpu.find_allocator() or "none"}
 
@@ -431,7 +512,8 @@ def write_report(res: dict, out: Path) -> Path:
 def render_markdown(res: dict) -> str:
     m, peaks = res["machine"], res["peaks"]
     lines = [f"# Training speed, {res['date']}", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores (avx512_bf16: {m['avx512_bf16']}, AMX: {m['amx']}), torch {m['torch']}, "
+             f"Machine: {m['cpu']}, {m['cores']} cores (avx512_bf16: {m['avx512_bf16']}, AMX: {m['amx']}; ISA: "
+             f"{m.get('isa', '-')}), torch {m['torch']}, "
              f"IPEX: {m['ipex']}, fast allocator: {m['allocator_available']}. Load average before/after: "
              f"{res['load_before']} / {res['load_after']} (shared machine). Command: `{res['command']}`.", "",
              f"Matmul peak (best {res['gemm_n']}x{res['gemm_n']} GEMM, {res['threads']} threads): "
@@ -439,21 +521,44 @@ def render_markdown(res: dict) -> str:
     if res.get("throughput"):
         lines += ["", "## Throughput", "",
              "Tokens are real (non-pad) tokens; MFU = model FLOP/s on real tokens / matmul peak of the "
-             "variant's dtype; HFU counts the padded tokens actually computed. Turn CV: spread of the "
-             "variant's rate across its turns (machine noise).", "",
-             "| model | variant | samples/s | tokens/s | × seed | padded len | model GFLOP/s | MFU | HFU | turn CV | allocator |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "variant's dtype; HFU counts the tokens the encoder's dense layers computed (the padded ones, "
+             "unless unpadded). × plain: against the plain transformers Trainer in the same dtype (same data, "
+             "batches, seed, flags and maths). Turn CV: spread of the variant's rate across its turns (machine noise).", "",
+             "| model | variant | samples/s | tokens/s | × seed | × plain | padded len | model GFLOP/s | MFU | HFU | turn CV "
+             "| unpad | allocator |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for model, variants in res.get("throughput", {}).items():
         base = variants["seed"]["samples_per_s"]
         for name, s in variants.items():
             peak = peaks[DTYPE[name]]
             cv = f"{s['turn_rate_cv']:.0%}" if s["turn_rate_cv"] is not None else "-"
+            plain = variants.get(f"plain-{DTYPE[name]}")
+            vs_plain = f"{s['samples_per_s'] / plain['samples_per_s']:.2f}" if plain else "-"
+            unpadded = str(s.get("unpad") or "-").startswith("on")
+            hfu = (s["model_flops_per_s"] if unpadded else s["hardware_flops_per_s"]) / peak
             lines.append(f"| {model} | {name} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {s['samples_per_s'] / base:.2f} | "
-                         f"{s['mean_padded_length']:.0f} | {s['model_flops_per_s'] / 1e9:.0f} | {s['model_flops_per_s'] / peak:.1%} | "
-                         f"{s['hardware_flops_per_s'] / peak:.1%} | {cv} | {s['allocator']} |")
+                         f"{vs_plain} | {s['mean_padded_length']:.0f} | {s['model_flops_per_s'] / 1e9:.0f} | "
+                         f"{s['model_flops_per_s'] / peak:.1%} | {hfu:.1%} | {cv} | {s.get('unpad') or '-'} | {s['allocator']} |")
+    if res.get("loss_traces"):
+        lines += ["", "### Loss traces", "",
+                  "Variants with the same maths on the same batches from the same seed (dropout included): the largest "
+                  "difference of their per-step training losses over the steps both ran, and over the first 20.", "",
+                  "| model | variant | against | steps | max abs diff | first 20 steps | mean loss |", "|---|---|---|---:|---:|---:|---:|"]
+        for model, pairs in res["loss_traces"].items():
+            for t in pairs:
+                if not t["steps"]:
+                    lines.append(f"| {model} | {t['a']} | {t['b']} | 0 | - | - | - |")
+                    continue
+                lines.append(f"| {model} | {t['a']} | {t['b']} | {t['steps']} | {t['max_abs_diff']:.2e} | "
+                             f"{t['max_abs_diff_first_20']:.2e} | {t['mean_loss']:.4f} |")
+    carried = res.get("carried_over", {})
+
+    def from_earlier(section: str) -> list[str]:
+        return [f"From the earlier run of {carried[section]} (not re-run this time).", ""] if section in carried else []
+
     if res.get("tta"):
         t = res["tta"]
-        lines += ["", f"## Time to {res['target']:.0%} MRPC dev accuracy (minilm_l6)", "",
+        lines += ["", f"## Time to {res['target']:.0%} MRPC dev accuracy (minilm_l6)", "", *from_earlier("tta"),
                   "Own wall time of each recipe from process set-up (data, model) through training and its periodic "
                   "evaluations; the two alternate turns. Accuracy at each epoch end where reached.", "",
                   "| recipe | time to target | of which training | epochs at target | best accuracy"
@@ -477,7 +582,7 @@ def render_markdown(res: dict) -> str:
         par = res["parity"]
         epochs = sorted({round(e["epoch"], 2) for r in par.values() for e in r["evals"]})
         base = par["seed"]["samples_per_s"]
-        lines += ["", "## Accuracy at equal epochs (minilm_l6, full runs)", "",
+        lines += ["", "## Accuracy at equal epochs (minilm_l6, full runs)", "", *from_earlier("parity"),
                   "Both recipes trained to the end, evaluated on MRPC dev at each epoch end, taking turns. "
                   "Training samples/s over the whole run, evaluations excluded.", "",
                   "| recipe | " + " | ".join(f"acc. epoch {ep:g}" for ep in epochs) + " | F1 at end | samples/s | × seed | own time |",
@@ -491,7 +596,8 @@ def render_markdown(res: dict) -> str:
         lines += ["", f"Final accuracy, fast-bf16 minus seed: {(last['fast-bf16'] - last['seed']) * 100:+.1f} points."]
     if res.get("allreduce"):
         a = res["allreduce"]
-        lines += ["", "## Scaling", "", "Measured: one all-reduce of the model's gradients, gloo, 2 processes on loopback "
+        lines += ["", "## Scaling", "", *from_earlier("allreduce"),
+                  "Measured: one all-reduce of the model's gradients, gloo, 2 processes on loopback "
                   "(1 thread each), median.", "", "| model | parameters | fp32 | bf16 (compressed) |", "|---|---:|---:|---:|"]
         for model, n in a["parameters"].items():
             fp32_ms, bf16_ms = a['seconds'][model + '/float32'] * 1e3, a['seconds'][model + '/bfloat16'] * 1e3
@@ -526,7 +632,9 @@ def plot_throughput(res: dict, models: list, out: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
     for ax, model in zip(axes[0], models):
         v = res["throughput"][model]
-        ax.bar(list(v), [s["samples_per_s"] for s in v.values()], color=["#999999", "#4c72b0", "#dd8452"][:len(v)])
+        colours = ["#999999", "#8fa8c8", "#4c72b0", "#e8b08a", "#dd8452", "#c44e52"]
+        ax.bar(list(v), [s["samples_per_s"] for s in v.values()], color=colours[:len(v)])
+        ax.tick_params(axis="x", labelrotation=30)
         ax.set_title(model)
         ax.set_ylabel("training samples/s")
     fig.tight_layout()
@@ -562,7 +670,7 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="GLUE MRPC folder (train.tsv, dev.tsv)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--target", type=float, default=0.84)
-    p.add_argument("--sections", default="throughput,tta,parity,allreduce")
+    p.add_argument("--sections", default="throughput,allreduce", help="of throughput,tta,parity,allreduce")
     p.add_argument("--render", type=Path, help="only re-render the report from a train_speed.json")
     p.add_argument("--threads", type=int, default=None, help="threads per variant (default: all cores)")
     p.add_argument("--models", default=",".join(ARCH), help="models for the throughput and all-reduce sections")
@@ -582,6 +690,19 @@ def parse_args(argv=None):
     if a.quick and a.target == 0.84:
         a.target = 0.6
     return a
+
+
+def carry_over(res: dict, previous: Path) -> None:
+    """Sections this run skipped, from the previous results file, marked with that run's date."""
+    if not previous.is_file():
+        return
+    old = json.loads(previous.read_text())
+    for section, keys in (("tta", ("tta",)), ("parity", ("parity",)), ("allreduce", ("allreduce", "scaling"))):
+        if section not in res and old.get(section):
+            for key in keys:
+                if key in old:
+                    res[key] = old[key]
+            res.setdefault("carried_over", {})[section] = old.get("carried_over", {}).get(section, old["date"])
 
 
 def steps_per_epoch(data: Path) -> dict:
@@ -615,6 +736,7 @@ def main(argv=None) -> None:
         sample_peaks(res["peaks"], args)
         if "throughput" in sections:
             res["throughput"] = measure_throughput(args, tmp, res["peaks"])
+            res["loss_traces"] = {m: loss_traces(v) for m, v in res["throughput"].items()}
         if "tta" in sections:
             res["tta"] = measure_time_to_accuracy(args, tmp, steps_per_epoch(args.data))
         if "parity" in sections:
@@ -629,6 +751,7 @@ def main(argv=None) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    carry_over(res, args.out / "train_speed.json")
     path = write_report(res, args.out)
     print(path.read_text())
 

@@ -79,11 +79,20 @@ def load_tokenizer(cfg: DictConfig):
     return _from_source(AutoTokenizer.from_pretrained, cfg.tokenizer, "tokenizer")
 
 
-def load_model(cfg: DictConfig, num_labels: int = 2):
+def load_model(cfg: DictConfig, **head):
+    """A sequence classifier with a new head. `head` is its config: id2label / label2id (or
+    num_labels), problem_type and whatever else the model should remember (data.tasks.Task.
+    model_config); it is saved in config.json with the weights. Without it: two labels."""
+    head = head or {"num_labels": 2}
     if cfg.random_init:
-        config = BertConfig(num_labels=num_labels, **OmegaConf.to_container(cfg.config))
+        config = BertConfig(**OmegaConf.to_container(cfg.config), **head)
         return AutoModelForSequenceClassification.from_config(config)
-    return _from_source(AutoModelForSequenceClassification.from_pretrained, cfg.source, "model", num_labels=num_labels)
+    config = _from_source(AutoConfig.from_pretrained, cfg.source, "model config")
+    config.update(head)
+    # A source that already has a head of another size (a model fine-tuned on another task)
+    # gets a new one, as run_glue's ignore_mismatched_sizes does.
+    return _from_source(AutoModelForSequenceClassification.from_pretrained, cfg.source, "model", config=config,
+                        ignore_mismatched_sizes=True)
 
 
 # ---- a saved job's model, named by `stage.model_path` ---------------------------------------

@@ -1,18 +1,26 @@
-"""The GLUE TSV reader on the real files' quirks, the sources, and tokenisation."""
+"""The GLUE TSV reader on the real files' quirks, the sources, and tokenisation (GLUE's other
+tasks, your own files and the task detection: tests/test_tasks.py)."""
 from __future__ import annotations
 
 import csv
 
 import pytest
 
-from nlpwf.data import sample
-from nlpwf.data.glue import read_glue_tsv
+from nlpwf.data import glue, sample
 from nlpwf.data.splits import SAMPLE_DIR, load_splits
 from nlpwf.data.tokenize import tokenize
 from nlpwf.errors import UserError
 from nlpwf.runtime import network
 
 from conftest import GLUE_HEADER, SHARED_MRPC, compose, pairs, write_glue
+
+MRPC = glue.TASKS["mrpc"]
+
+
+def read_glue_tsv(path) -> dict[str, list]:
+    """An MRPC file as columns, read the way training reads it (line by line, each line checked)."""
+    rows = list(glue.rows(MRPC, path))
+    return {key: [r[key] for r in rows] for key in ("sentence1", "sentence2", "label")}
 
 
 def test_bom_and_stray_quotes_are_read_verbatim(tmp_path):
@@ -62,15 +70,17 @@ def test_empty_file_and_header_only_are_errors(tmp_path):
 
 def test_glue_unlabelled_test_file_is_refused_with_advice(tmp_path):
     path = write_glue(tmp_path / "test.tsv", [(0, 1, 2, "a", "b")], header="index\t#1 ID\t#2 ID\t#1 String\t#2 String")
-    with pytest.raises(UserError, match="no column 'Quality'.*eval_split=validation"):
+    with pytest.raises(UserError, match="no column 'Quality'.*unlabelled.*eval_split=validation"):
         read_glue_tsv(path)
 
 
 def test_folder_splits_and_limits(glue_dir):
     cfg = compose("dataset=mrpc", f"dataset.data_dir={glue_dir}", "dataset.max_train_samples=10").dataset
-    splits = load_splits(cfg)
+    task, splits = load_splits(cfg)
     assert len(splits["train"]) == 10 and len(splits["eval"]) == 16
     assert set(splits["train"].column_names) == {"sentence1", "sentence2", "label"}
+    assert task.labels == ("not_equivalent", "equivalent") and splits["train"].features["label"].names == list(task.labels)
+    assert splits["train"].cache_files  # memory-mapped from datasets' Arrow cache, not held in Python
 
 
 def test_missing_dev_file_and_bad_data_dir(glue_dir, tmp_path):
@@ -94,14 +104,16 @@ def test_hub_offline_fails_fast_with_advice(monkeypatch):
     assert time.monotonic() - start < 10
 
 
-def test_shipped_sample_is_what_the_generator_writes(tmp_path):
-    sample.main(tmp_path)
+def test_shipped_samples_are_what_the_generator_writes(tmp_path):
+    sample.main(tmp_path / "paraphrase", topic_dir=tmp_path / "topic")
     for name in ("train.tsv", "dev.tsv"):
-        assert (tmp_path / name).read_bytes() == (SAMPLE_DIR / "paraphrase_sample" / name).read_bytes()
+        assert (tmp_path / "paraphrase" / name).read_bytes() == (SAMPLE_DIR / "paraphrase_sample" / name).read_bytes()
+    for name in ("train.csv", "dev.csv"):
+        assert (tmp_path / "topic" / name).read_bytes() == (SAMPLE_DIR / "topic_sample" / name).read_bytes()
 
 
 def test_shipped_sample_is_balanced_and_pairs_differ():
-    splits = load_splits(compose().dataset)
+    _, splits = load_splits(compose().dataset)
     assert (len(splits["train"]), len(splits["eval"])) == (800, 200)
     for split in splits.values():
         positive = sum(split["label"]) / len(split)
@@ -127,8 +139,8 @@ def test_dynamic_padding_pads_each_batch_to_its_longest(glue_dir):
 
     cfg = compose("dataset=mrpc", f"dataset.data_dir={glue_dir}")
     tok = models.load_tokenizer(cfg.model)
-    dynamic = tokenize(load_splits(cfg.dataset), tok, 128, pad_to_max_length=False)
-    fixed = tokenize(load_splits(cfg.dataset), tok, 128, pad_to_max_length=True)
+    dynamic = tokenize(load_splits(cfg.dataset)[1], tok, 128, pad_to_max_length=False)
+    fixed = tokenize(load_splits(cfg.dataset)[1], tok, 128, pad_to_max_length=True)
     lengths = {len(x) for x in dynamic["train"]["input_ids"]}
     assert max(lengths) < 128 and all(len(x) == 128 for x in fixed["train"]["input_ids"])
     batch = DataCollatorWithPadding(tok)([dynamic["train"][i] for i in range(8)])

@@ -193,3 +193,50 @@ def test_gradient_accumulation_skips_the_allreduce(ddp_runs):
         assert metrics["perf_ddp_comm_hook_calls"] % steps == 0
         per_step[ga] = metrics["perf_ddp_comm_hook_calls"] // steps
     assert per_step[1] == per_step[2] >= 1
+
+
+# ---- SIGTERM agreement: not a collective every step -----------------------------------------
+
+def _drive_sigterm(monkeypatch, max_steps: int, signal_at: int | None, step_s: float = 0.1):
+    """StopOnSigterm as in a distributed job whose all-reduce is faked (every rank agrees with
+    this one), on a fake clock; returns the steps at which it communicated, and the callback."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from nlpwf.training import sigterm
+
+    reduced = []
+    monkeypatch.setattr(sigterm, "_distributed", lambda: True)
+    monkeypatch.setattr(sigterm.dist, "all_reduce", lambda t, op=None: reduced.append(int(t[0])))
+    clock = [0.0]
+    monkeypatch.setattr(sigterm.time, "monotonic", lambda: clock[0])
+    cb, state, control = sigterm.StopOnSigterm(check_s=2.0), SimpleNamespace(global_step=0, max_steps=max_steps), TrainerControl()
+    cb.on_train_begin(None, state, control)
+    checked = []
+    try:
+        for step in range(1, max_steps + 1):
+            clock[0] += step_s
+            state.global_step = step
+            before = len(reduced)
+            cb.on_step_end(None, state, control)
+            if len(reduced) > before:
+                checked.append(step)
+            if step == signal_at:
+                cb.requested = True
+            if control.should_training_stop:
+                break
+    finally:
+        cb.on_train_end(None, state, control)
+    return checked, cb, control
+
+
+def test_ranks_agree_on_sigterm_every_few_seconds_not_every_step(monkeypatch):
+    checked, cb, control = _drive_sigterm(monkeypatch, max_steps=100, signal_at=50)
+    assert checked == [1, 21, 41, 61]  # the first step, then every 2 s of 0.1 s steps
+    assert cb.stopped_at == 61 and control.should_save and control.should_training_stop
+
+
+def test_the_last_step_is_always_agreed_on(monkeypatch):
+    checked, cb, _ = _drive_sigterm(monkeypatch, max_steps=30, signal_at=25)
+    assert checked == [1, 21, 30] and cb.stopped_at == 30

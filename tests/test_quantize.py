@@ -16,8 +16,7 @@ from nlpwf.inference.classifier import Classifier
 from nlpwf.inference.load import load_classifier, load_fp32
 from nlpwf.stages import evaluate, quantize
 
-from conftest import compose
-from serving_helpers import save_tiny_model, sentence_pairs
+from conftest import compose, save_tiny_model, sentence_pairs
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +25,7 @@ def tiny(tmp_path_factory):
     classifier = load_classifier(str(folder), "test", max_length=64)
     pairs = sentence_pairs(48)
     s1, s2 = [a for a, _ in pairs], [b for _, b in pairs]
-    calibration = [inputs for _, inputs in classifier.batches(s1[:32], s2[:32], 8)]
+    calibration = [inputs for _, inputs in classifier.batches(s1[:32], s2[:32], batch_size=8)]
     probe = sentence_pairs(24, start=100)
     return folder, classifier, calibration, ([a for a, _ in probe], [b for _, b in probe])
 

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 
 from nlpwf.errors import UserError
-from nlpwf.inference import pairfiles
+from nlpwf.inference import textfiles
 from nlpwf.inference.load import load_classifier
 from nlpwf.stages import benchmark, evaluate, predict
 
-from conftest import compose, pairs, run_cli, write_glue
-from serving_helpers import save_tiny_model, sentence_pairs
+from conftest import compose, pairs, run_cli, save_tiny_model, sentence_pairs, write_glue
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +66,9 @@ def test_predict_writes_every_input_row_in_order_with_label_and_probability(mode
     # Chunked, length-sorted batches give what one pass over the whole file gives.
     whole = load_classifier(str(model), "test", max_length=128)
     labels, probs = whole.predict([r["sentence1"] for r in rows], [r["sentence2"] for r in rows], batch_size=64)
-    assert [int(r["predicted_label"]) for r in out] == labels.tolist()
-    assert np.allclose([float(r["probability"]) for r in out], probs, atol=1e-4)
+    assert [int(r["predicted_label"]) for r in out] == labels.tolist()  # a model trained without names shows ids
+    assert np.allclose([float(r["probability"]) for r in out], probs.max(axis=1), atol=1e-4)
+    assert np.allclose([[float(r["probability_0"]), float(r["probability_1"])] for r in out], probs, atol=1e-4)
     assert all(0.5 <= float(r["probability"]) <= 1 for r in out)
     assert len(set(labels.tolist())) == 2  # the model's labels depend on the input
     assert result["predict_pairs"] == 23 and result["output"] == str(job / f"predictions{suffix}")
@@ -78,7 +78,7 @@ def test_predict_writes_every_input_row_in_order_with_label_and_probability(mode
 def test_reader_streams_a_large_file_in_bounded_chunks(tmp_path):
     source = write_glue(tmp_path / "big.tsv", pairs(5000))
     size = source.stat().st_size
-    reader = pairfiles.PairReader(source, chunk_rows=10)
+    reader = textfiles.TextReader(source, chunk_rows=10)
     chunks = reader.chunks()
     first = next(chunks)
     # After one chunk, only a read buffer's worth of a ~500 KB file has been read.
@@ -93,7 +93,8 @@ def test_predict_glue_file_reads_glue_columns_and_keeps_its_header(model, tmp_pa
     job = _job(tmp_path)
     predict.run(compose("stage=predict", f"stage.model_path={model}", f"stage.input={source}"), job)
     lines = (job / "predictions.tsv").read_text().splitlines()
-    assert lines[0].split("\t") == ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String", "predicted_label", "probability"]
+    assert lines[0].split("\t") == ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String", "predicted_label", "probability",
+                                    "probability_0", "probability_1"]
     assert [line.split("\t")[:5] for line in lines[1:]] == [[str(c) for c in p] for p in pairs(12)]
 
 

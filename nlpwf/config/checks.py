@@ -108,6 +108,26 @@ def check_layout(nodes: int, processes_per_node: int) -> None:
         raise UserError(f"compute.processes_per_node={processes_per_node}: use 1 or more")
 
 
+PROBLEMS = ("classification", "regression")
+
+
+def dataset_keys(dataset: DictConfig) -> None:
+    """The task keys of the `dataset` group, which no data is needed to check."""
+    problem = dataset.get("problem")
+    if problem is not None and problem not in PROBLEMS:
+        raise UserError(f"dataset.problem={problem} is unknown: use classification, regression, or null to detect it from the labels")
+    columns = dataset.get("text_columns")
+    if columns is not None:
+        columns = [columns] if isinstance(columns, str) else list(columns)
+        if not 1 <= len(columns) <= 2 or not all(isinstance(c, str) and c for c in columns):
+            raise UserError(f"dataset.text_columns={columns}: give one text column or two (a pair), "
+                            f"e.g. dataset.text_columns=[text] or dataset.text_columns=[question,answer]")
+    for key in ("train_file", "eval_file", "test_file", "label_column", "data_dir"):
+        value = dataset.get(key)
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"dataset.{key}={value} must be a path or name, e.g. dataset.{key}=train.csv")
+
+
 def check_job(cfg: DictConfig) -> None:
     """Checks that need no data or weights, done before any process starts or file is written."""
     config_types(cfg)  # `nodes=two` would otherwise fail below as a TypeError
@@ -115,6 +135,8 @@ def check_job(cfg: DictConfig) -> None:
     if cfg.compute.threads_per_process is not None and cfg.compute.threads_per_process < 1:
         raise UserError(f"compute.threads_per_process={cfg.compute.threads_per_process}: use 1 or more, or null for cores / processes")
     if cfg.dataset.max_seq_length < 8:
-        raise UserError(f"dataset.max_seq_length={cfg.dataset.max_seq_length} is too short for a sentence pair: use 64 to 512")
+        raise UserError(f"dataset.max_seq_length={cfg.dataset.max_seq_length} tokens leaves almost no room for text after the "
+                        f"model's special tokens: use 64 to 512")
+    dataset_keys(cfg.dataset)
     if cfg.precision.name not in PRECISIONS:
         raise UserError(f"precision={cfg.precision.name} is not supported: use precision=fp32 or precision=bf16")

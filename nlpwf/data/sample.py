@@ -6,14 +6,23 @@ changes one detail (a number, a day, who won); an easy negative pairs unrelated 
 The files are written the way GLUE writes MRPC (tab separated, no quoting, a byte-order
 mark, the `Quality` column first), so the quickstart exercises the same reader as real MRPC.
 
-Regenerate with `python -m nlpwf.data.sample` (deterministic for a given seed).
+The `topic_sample` data set is single sentences in five topics (business, science, sport,
+travel, weather), written as CSV files with a `topic` column of names, so the quickstart-sized
+offline tests also cover a multi-class task that is not a pair, read like your own files. The
+topics share slots (cities, days, numbers, companies), so a sentence is told apart by what it
+says, not by a name that only one topic uses.
+
+Regenerate both with `python -m nlpwf.data.sample` (deterministic for a given seed).
 """
 from __future__ import annotations
 
+import csv
 import random
 from pathlib import Path
 
-OUT_DIR = Path(__file__).parent / "resources" / "paraphrase_sample"
+RESOURCES = Path(__file__).parent / "resources"
+OUT_DIR = RESOURCES / "paraphrase_sample"
+TOPIC_DIR = RESOURCES / "topic_sample"
 HEADER = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
 
 COMPANIES = ["Northwind", "Contoso", "Fabrikam", "Litware", "Tailspin", "Woodgrove",
@@ -132,10 +141,59 @@ def write_glue_tsv(path: Path, pairs: list[tuple[int, str, str]], first_id: int)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8-sig")
 
 
-def main(out_dir: Path = OUT_DIR, n_train: int = 800, n_dev: int = 200, seed: int = 7) -> None:
+# Single sentences by topic. Slots are shared across topics on purpose (see the module doc).
+TOPICS = {
+    "business": ["{co} reported a profit of {n} million dollars in {month}.",
+                 "Shares of {co} fell {n} percent on {day} after weak sales.",
+                 "{co} will open {n} new stores in {city} next year.",
+                 "Investors in {city} expect {co} to raise prices in {month}."],
+    "science": ["Researchers in {city} found {n} new species of beetle in {month}.",
+                "A telescope near {city} recorded {n} bright flashes on {day}.",
+                "Scientists at {co} say the vaccine worked in {n} percent of patients.",
+                "A study published in {month} links sleep to memory in {n} volunteers."],
+    "sport": ["{team} beat {other} {a} to {b} in {city} on {day}.",
+              "The striker scored {n} goals for {team} in {month}.",
+              "{team} signed a new coach from {city} on {day}.",
+              "Fans in {city} watched {team} lose to {other} in {month}."],
+    "travel": ["Flights from {city} to Lisbon will cost {n} percent less in {month}.",
+               "The new train to {city} leaves every {n} minutes from {day}.",
+               "Hotels in {city} were almost full on {day}, a tourism office said.",
+               "{co} Airlines added {n} routes from {city} for {month}."],
+    "weather": ["Heavy rain is expected in {city} on {day}, with {n} millimetres forecast.",
+                "Temperatures in {city} reached {n} degrees in {month}.",
+                "Strong winds closed {n} roads near {city} on {day}.",
+                "Snow fell in {city} for the first time since {month}."],
+}
+
+
+def make_topics(n: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    topics = sorted(TOPICS)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(topics)
+        team, other = rng.sample(TEAMS, 2)
+        slots = {"co": rng.choice(COMPANIES), "n": rng.randrange(2, 95), "month": rng.choice(MONTHS), "day": rng.choice(DAYS),
+                 "city": rng.choice(CITIES), "team": team, "other": other, "a": rng.randrange(3, 9), "b": rng.randrange(0, 3)}
+        rows.append((_sentence(rng.choice(TOPICS[topic]).format(**slots)), topic))
+    return rows
+
+
+def write_topic_csv(path: Path, rows: list[tuple[str, str]], first_id: int) -> None:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["id", "text", "topic"])
+        writer.writerows((first_id + i, text, topic) for i, (text, topic) in enumerate(rows))
+
+
+def main(out_dir: Path = OUT_DIR, n_train: int = 800, n_dev: int = 200, seed: int = 7,
+         topic_dir: Path = TOPIC_DIR, n_topic_train: int = 500, n_topic_dev: int = 150) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_glue_tsv(out_dir / "train.tsv", make_pairs(n_train, seed), first_id=100000)
     write_glue_tsv(out_dir / "dev.tsv", make_pairs(n_dev, seed + 1), first_id=900000)
+    topic_dir.mkdir(parents=True, exist_ok=True)
+    write_topic_csv(topic_dir / "train.csv", make_topics(n_topic_train, seed), first_id=1)
+    write_topic_csv(topic_dir / "dev.csv", make_topics(n_topic_dev, seed + 1), first_id=n_topic_train + 1)
 
 
 if __name__ == "__main__":

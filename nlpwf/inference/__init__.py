@@ -1,1 +1,1 @@
-"""Serving a saved model: the pair classifier, INT8 backends, and pair files streamed in chunks."""
+"""Serving a saved model: the classifier (one text or a pair; classes or a score), INT8 backends, and text files streamed in chunks."""

@@ -1,4 +1,4 @@
-"""INT8 models: quantize a `PairLogits` model, save it to a folder, load it back.
+"""INT8 models: quantize a `SequenceLogits` model, save it to a folder, load it back.
 
 Backends:
 - `inc_static`, `inc_dynamic`: Intel Neural Compressor 3.x on its PT2E path (torch.export,
@@ -25,7 +25,7 @@ import torch
 
 from nlpwf import models
 from nlpwf.errors import UserError
-from nlpwf.inference.classifier import PairLogits
+from nlpwf.inference.classifier import SequenceLogits
 
 log = logging.getLogger(__name__)
 
@@ -200,11 +200,12 @@ def _load_torch_dynamic(folder: Path) -> torch.nn.Module:
 
     # The quantized modules must exist before their packed weights can be loaded into them.
     config = models.load_saved_config(folder)
-    skeleton = torch_dynamic(PairLogits(AutoModelForSequenceClassification.from_config(config)))
+    skeleton = torch_dynamic(SequenceLogits(AutoModelForSequenceClassification.from_config(config)))
     skeleton.load_state_dict(torch.load(folder / TORCH_WEIGHTS, weights_only=False))
     return skeleton.eval()
 
 
-def relative_tolerance(points: float, baseline_accuracy: float) -> float:
-    """INC's tolerable_loss is relative to the baseline; nlpwf's tolerance is in accuracy points."""
-    return (points / 100.0) / max(baseline_accuracy, 1e-9)
+def relative_tolerance(points: float, baseline: float) -> float:
+    """INC's tolerable_loss is relative to the baseline; nlpwf's tolerance is in points (hundredths)
+    of the task's metric: accuracy points, or hundredths of a correlation."""
+    return (points / 100.0) / max(baseline, 1e-9)

@@ -21,12 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from nlpwf import models
 from nlpwf.data.splits import load_splits
+from nlpwf.data.tasks import TEXT_FIELDS, Task
 from nlpwf.errors import UserError
 from nlpwf.inference import int8
 from nlpwf.inference.classifier import Classifier, tensors
-from nlpwf.inference.load import load_fp32
-from nlpwf.results import files
-from nlpwf.stages.evaluate import score
+from nlpwf.inference.load import load_fp32, saved_task
+from nlpwf.results import files, metrics
+from nlpwf.stages.evaluate import examples_of, score
 from nlpwf.stages.quantize import calibration_batches
 from nlpwf.stages.serving import serving_threads
 
@@ -57,24 +58,25 @@ def check(stage: DictConfig) -> None:
         raise UserError(f"stage.seq_length={stage.seq_length}: use 8 to 512, or null for each batch's own longest pair")
 
 
-def build(name: str, source: Path, tokenizer, stage: DictConfig, calibration: list) -> Variant:
+def build(name: str, source: Path, tokenizer, stage: DictConfig, calibration: list, task: Task) -> Variant:
     fp32 = load_fp32(source)
     if name in FLOAT_BACKENDS:
-        return Variant(name, Classifier(fp32, tokenizer, stage.max_length, precision=name, name=name))
+        return Variant(name, Classifier(fp32, tokenizer, stage.max_length, precision=name, name=name, task=task))
     qmodel = int8.quantize(fp32, name, calibration)
     forward = int8.compile_graph(qmodel) if name != "torch_dynamic" and stage.compile else qmodel
-    return Variant(name, Classifier(forward, tokenizer, stage.max_length, name=name))
+    return Variant(name, Classifier(forward, tokenizer, stage.max_length, name=name, task=task))
 
 
 def inputs(tokenizer, split, batch_size: int, count: int, seq_length: int | None, max_length: int) -> list[tuple]:
-    """`count` batches of real pairs, taken in file order and reused cyclically."""
+    """`count` batches of real examples (texts or pairs), taken in file order and reused cyclically."""
     need = batch_size * count
     rows = [i % len(split) for i in range(need)]
-    s1, s2 = [split["sentence1"][i] for i in rows], [split["sentence2"][i] for i in rows]
+    columns = [split[name] for name in TEXT_FIELDS if name in split.column_names]
+    texts = [[column[i] for i in rows] for column in columns]
     padding = {"padding": "max_length", "max_length": seq_length} if seq_length else {"padding": True, "max_length": max_length}
     out = []
     for start in range(0, need, batch_size):
-        enc = tokenizer(s1[start:start + batch_size], s2[start:start + batch_size], truncation=True, return_tensors="pt", **padding)
+        enc = tokenizer(*(t[start:start + batch_size] for t in texts), truncation=True, return_tensors="pt", **padding)
         out.append(tensors(enc))
     return out
 
@@ -98,8 +100,10 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
     if models.is_quantized(source):
         raise UserError(f"stage.model_path={stage.model_path} is INT8: benchmark starts from a training job's fp32 model/ folder")
     tokenizer = models.load_saved_tokenizer(source)
-    splits = load_splits(cfg.dataset)
-    base = Classifier(load_fp32(source), tokenizer, stage.max_length)
+    task = saved_task(source)
+    data_task, splits = load_splits(cfg.dataset)
+    examples = examples_of(splits["eval"], data_task, task)
+    base = Classifier(load_fp32(source), tokenizer, stage.max_length, task=task)
     calibration = calibration_batches(base, splits["train"], stage.calibration_samples, stage.batch_size)
     workload = {bs: inputs(tokenizer, splits["eval"], bs, stage.calls_per_round, stage.seq_length, stage.max_length)
                 for bs in stage.batch_sizes}
@@ -107,7 +111,7 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
     variants = []
     for name in stage.backends:
         log.info("building %s", name)
-        variant = build(name, source, tokenizer, stage, calibration)
+        variant = build(name, source, tokenizer, stage, calibration, task)
         for bs, batches in workload.items():  # warm-up: compiles graphs, fills caches
             time_calls(variant, batches, max(1, stage.warmup_calls), 0)
         variants.append(variant)
@@ -119,11 +123,12 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
                 variant.times.setdefault(bs, []).extend(time_calls(variant, batches, stage.calls_per_round, round_index))
         log.info("round %d of %d done", round_index + 1, stage.rounds)
 
-    pairs = splits["eval"]["sentence1"], splits["eval"]["sentence2"], splits["eval"]["label"]
-    accuracy = {v.name: score(v.classifier, *pairs, stage.batch_size)["eval_accuracy"] for v in variants} if stage.accuracy else {}
-    rows = table_rows(variants, accuracy)
+    # Each backend's score in the model task's main metric (accuracy; Matthews for CoLA, ...).
+    metric = metrics.main_metric(task.name, task.num_labels)
+    scored = {v.name: score(v.classifier, *examples, stage.batch_size)[f"eval_{metric}"] for v in variants} if stage.accuracy else {}
+    rows = table_rows(variants, scored, metric)
     result = {"rows": rows, "threads": threads, "machine": machine(), "date": now(), "model": str(source),
-              "eval_pairs": len(pairs[2]), "stage": OmegaConf.to_container(stage, resolve=True)}
+              "metric": metric, "eval_pairs": len(examples[1]), "stage": OmegaConf.to_container(stage, resolve=True)}
     markdown = render(result)
     (Path(job_dir) / TABLE_FILE).write_text(markdown)
     files.write_json(Path(job_dir) / files.METRICS_FILE, result)
@@ -131,7 +136,7 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
     return result
 
 
-def table_rows(variants: list[Variant], accuracy: dict[str, float]) -> list[dict]:
+def table_rows(variants: list[Variant], scored: dict[str, float], metric: str = "accuracy") -> list[dict]:
     fp32 = next((v for v in variants if v.name == "fp32"), None)
     rows = []
     for v in variants:
@@ -142,8 +147,8 @@ def table_rows(variants: list[Variant], accuracy: dict[str, float]) -> list[dict
                    "calls": len(times)}
             if fp32 is not None:
                 row["speedup_vs_fp32"] = round(statistics.median(fp32.times[bs]) / median, 3)
-            if v.name in accuracy:
-                row["accuracy"] = round(accuracy[v.name], 4)
+            if v.name in scored:
+                row[metric] = round(scored[v.name], 4)
             rows.append(row)
     return rows
 
@@ -155,20 +160,23 @@ def quantile(values: list[float], q: float) -> float:
 
 def render(result: dict) -> str:
     rows = result["rows"]
-    has_acc = any("accuracy" in r for r in rows)
+    metric = result.get("metric", "accuracy")
+    has_acc = any(metric in r for r in rows)
     has_speedup = any("speedup_vs_fp32" in r for r in rows)
-    head = ["backend", "batch", "median ms", "p90 ms", "pairs/s"] + (["× fp32"] if has_speedup else []) + (["accuracy"] if has_acc else [])
+    head = ["backend", "batch", "median ms", "p90 ms", "pairs/s"] + (["× fp32"] if has_speedup else []) + ([metric] if has_acc else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["batch_size"], BACKENDS.index(r["backend"]))):
         cells = [r["backend"], str(r["batch_size"]), f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['pairs_per_second']:.1f}"]
         cells += [f"{r['speedup_vs_fp32']:.2f}"] if has_speedup else []
-        cells += [f"{100 * r['accuracy']:.2f}%" if "accuracy" in r else ""] if has_acc else []
+        if has_acc:
+            value = r.get(metric)
+            cells += ["" if value is None else f"{100 * value:.2f}%" if metric == "accuracy" else f"{value:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     stage = result["stage"]
     note = (f"{result['date']}, {result['machine']}, {result['threads']} thread(s); {stage['rounds']} rounds x "
             f"{stage['calls_per_round']} calls per backend and batch size, alternating; inputs: real pairs, "
             f"{'padded to ' + str(stage['seq_length']) if stage['seq_length'] else 'each batch padded to its longest pair'}"
-            + (f"; accuracy on {result['eval_pairs']} eval pairs." if has_acc else "."))
+            + (f"; {metric} on {result['eval_pairs']} eval examples." if has_acc else "."))
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 

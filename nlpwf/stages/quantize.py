@@ -1,9 +1,11 @@
 """stage=quantize: a saved fp32 model -> an INT8 model in JOB_DIR/model_int8.
 
-Calibration pairs come from the `dataset` group's train split, accuracy from its eval split.
-The INT8 model is saved, loaded back and scored from disk, so the accuracy reported is the
-accuracy of the folder that is published; a model that loses more than stage.tolerance
-accuracy points is not published.
+Calibration examples come from the `dataset` group's train split, the score from its eval
+split, measured with the model task's main metric (accuracy; CoLA's Matthews correlation,
+STS-B's Spearman, ...). The INT8 model is saved, loaded back and scored from disk, so the
+score reported is the score of the folder that is published; a model that loses more than
+stage.tolerance points of that metric (hundredths, as percentage points are of accuracy) is
+not published. The INT8 folder keeps the model's config, so its labels and task.
 """
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ from omegaconf import DictConfig
 
 from nlpwf import models
 from nlpwf.data.splits import load_splits
+from nlpwf.data.tasks import TEXT_FIELDS
 from nlpwf.errors import UserError
 from nlpwf.inference import int8
 from nlpwf.inference.classifier import Classifier
-from nlpwf.inference.load import load_fp32
-from nlpwf.results import files
-from nlpwf.stages.evaluate import score
+from nlpwf.inference.load import load_fp32, saved_task
+from nlpwf.results import files, metrics
+from nlpwf.stages.evaluate import examples_of, score
 from nlpwf.stages.serving import serving_threads
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,7 @@ def check(stage: DictConfig) -> None:
         raise UserError(f"stage.calibration_samples={stage.calibration_samples}: INT8 needs a calibration pass; "
                         "use 1 or more (256 is plenty)")
     if not 0 <= stage.tolerance <= 100:
-        raise UserError(f"stage.tolerance={stage.tolerance}: give the accuracy points INT8 may lose, e.g. 1.0")
+        raise UserError(f"stage.tolerance={stage.tolerance}: give the points of the task's metric INT8 may lose, e.g. 1.0")
     if stage.tune and stage.backend not in INC_BACKENDS:
         raise UserError("stage.tune=true needs an INC backend (INC does the tuning): use stage.backend=inc_static or inc_dynamic")
     if stage.get("max_trials", 1) < 1:
@@ -47,7 +50,8 @@ def calibration_batches(classifier: Classifier, split, samples: int, batch_size:
     """A seeded sample of the train split, as model inputs. Random rather than the first rows:
     files are often sorted, and the scales should see the spread of real inputs."""
     sample = split.shuffle(seed=0).select(range(min(samples, len(split))))
-    return [inputs for _, inputs in classifier.batches(sample["sentence1"], sample["sentence2"], batch_size)]
+    texts = [sample[name] for name in TEXT_FIELDS if name in sample.column_names]
+    return [inputs for _, inputs in classifier.batches(*texts, batch_size=batch_size)]
 
 
 def weights_mb(folder: Path) -> float:
@@ -65,14 +69,16 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
     source = models.saved_model_dir(stage.model_path, "quantize")
     if models.is_quantized(source):
         raise UserError(f"stage.model_path={stage.model_path} is already INT8: point it at a training job's fp32 model/ folder")
-    fp32 = Classifier(load_fp32(source), models.load_saved_tokenizer(source), stage.max_length)
-    splits = load_splits(cfg.dataset)
-    pairs = splits["eval"]["sentence1"], splits["eval"]["sentence2"], splits["eval"]["label"]
-    baseline = score(fp32, *pairs, stage.batch_size)
+    task = saved_task(source)
+    fp32 = Classifier(load_fp32(source), models.load_saved_tokenizer(source), stage.max_length, task=task)
+    data_task, splits = load_splits(cfg.dataset)
+    examples = examples_of(splits["eval"], data_task, task)
+    gate = f"eval_{metrics.main_metric(task.name, task.num_labels)}"
+    baseline = score(fp32, *examples, stage.batch_size)
     calibration = calibration_batches(fp32, splits["train"], stage.calibration_samples, stage.batch_size)
 
     start = time.perf_counter()
-    qmodel = _quantize(stage, fp32, calibration, pairs, baseline["eval_accuracy"])
+    qmodel = _quantize(stage, fp32, calibration, examples, gate, baseline[gate])
     seconds = time.perf_counter() - start
 
     staged = files.staging_dir(job_dir / INT8_DIR)
@@ -81,53 +87,57 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
                   {"calibration_samples": stage.calibration_samples, "tuned": bool(stage.tune)})
         # Score what was written, not what is in memory: the published folder is what serves.
         forward, _ = int8.load(staged, compile=False)
-        quantized = score(Classifier(forward, fp32.tokenizer, stage.max_length), *pairs, stage.batch_size)
+        quantized = score(Classifier(forward, fp32.tokenizer, stage.max_length, task=saved_task(staged)), *examples, stage.batch_size)
     except BaseException:
         files.remove_dir(staged)
         raise
-    result = _result(stage, baseline, quantized, seconds, source, staged)
+    result = _result(stage, gate, baseline, quantized, seconds, source, staged)
     files.write_json(job_dir / files.METRICS_FILE, result)
-    if result["accuracy_loss_points"] > stage.tolerance:
+    if result["loss_points"] > stage.tolerance:
         files.remove_dir(staged)
         advice = ("try stage.backend=inc_static stage.tune=true, or raise stage.tolerance" if stage.backend == "torch_dynamic"
                   else "try stage.tune=true, more stage.calibration_samples, or stage.backend=torch_dynamic")
         raise UserError(
-            f"{stage.backend} INT8 lost {result['accuracy_loss_points']:.2f} accuracy points (more than "
+            f"{stage.backend} INT8 lost {result['loss_points']:.2f} points of {gate[5:]} (more than "
             f"stage.tolerance={stage.tolerance}); not published (metrics.json has the numbers): {advice}"
         )
     files.publish_dir(staged, job_dir / INT8_DIR)
-    log.info("%s INT8: accuracy %.4f (fp32 %.4f), %.1f MB -> %.1f MB, in %s", stage.backend, result["eval_accuracy"],
-             result["fp32_accuracy"], result["fp32_size_mb"], result["int8_size_mb"], job_dir / INT8_DIR)
+    log.info("%s INT8: %s %.4f (fp32 %.4f), %.1f MB -> %.1f MB, in %s", stage.backend, gate[5:], result[gate],
+             baseline[gate], result["fp32_size_mb"], result["int8_size_mb"], job_dir / INT8_DIR)
     return result
 
 
-def _quantize(stage: DictConfig, fp32: Classifier, calibration: list, pairs, baseline_accuracy: float):
+def _quantize(stage: DictConfig, fp32: Classifier, calibration: list, examples, gate: str, baseline_score: float):
     model = fp32.forward
     if not stage.tune:
         return int8.quantize(model, stage.backend, calibration)
-    s1, s2, labels = pairs
+    texts, labels = examples
 
-    def accuracy(candidate) -> float:
-        classifier = Classifier(candidate, fp32.tokenizer, stage.max_length)
-        return score(classifier, s1, s2, labels, stage.batch_size)["eval_accuracy"]
+    def measured(candidate) -> float:
+        classifier = Classifier(candidate, fp32.tokenizer, stage.max_length, task=fp32.task)
+        return score(classifier, texts, labels, stage.batch_size)[gate]
 
-    tolerable = int8.relative_tolerance(stage.tolerance, baseline_accuracy)
-    tuned = int8.inc_tune(model, stage.backend, calibration, accuracy, tolerable, stage.max_trials)
+    tolerable = int8.relative_tolerance(stage.tolerance, baseline_score)
+    tuned = int8.inc_tune(model, stage.backend, calibration, measured, tolerable, stage.max_trials)
     if tuned is None:  # INC returns a model only once one meets the goal or max_trials is reached
         raise UserError(
-            f"INC's tuning found no {stage.backend} config within stage.tolerance={stage.tolerance} accuracy points: "
+            f"INC's tuning found no {stage.backend} config within stage.tolerance={stage.tolerance} points of {gate[5:]}: "
             f"raise stage.tolerance, add stage.calibration_samples, or use stage.backend=torch_dynamic"
         )
     return tuned
 
 
-def _result(stage, baseline: dict, quantized: dict, seconds: float, source: Path, staged: Path) -> dict:
-    return {
+def _result(stage, gate: str, baseline: dict, quantized: dict, seconds: float, source: Path, staged: Path) -> dict:
+    loss = round(100 * (baseline[gate] - quantized[gate]), 4)
+    result = {
         **quantized,
-        "fp32_accuracy": baseline["eval_accuracy"], "fp32_f1": baseline["eval_f1"],
-        "fp32_confusion_matrix": baseline["eval_confusion_matrix"],
-        "accuracy_loss_points": round(100 * (baseline["eval_accuracy"] - quantized["eval_accuracy"]), 4),
+        # The fp32 model's numbers beside the INT8 model's: fp32_accuracy, fp32_f1, ...
+        **{f"fp32_{k[5:]}": v for k, v in baseline.items() if k.startswith("eval_") and k != "eval_pairs"},
+        "gate_metric": gate, "loss_points": loss,
         "backend": stage.backend, "tuned": bool(stage.tune), "calibration_samples": stage.calibration_samples,
         "quantize_seconds": round(seconds, 2), "fp32_size_mb": round(weights_mb(source), 2),
         "int8_size_mb": round(weights_mb(staged), 2), "model": str(source), "torch": torch.__version__,
     }
+    if "eval_accuracy" in baseline:  # the name the gate had when it was always accuracy
+        result["accuracy_loss_points"] = round(100 * (baseline["eval_accuracy"] - quantized["eval_accuracy"]), 4)
+    return result

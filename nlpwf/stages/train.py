@@ -1,5 +1,9 @@
-"""stage=train: fine-tuning, top to bottom: data, model, transformers' Trainer, then metrics and
-model out.
+"""stage=train: fine-tuning, top to bottom: data and its task, model, transformers' Trainer, then
+metrics and model out.
+
+The data decides the task (data.splits, data.tasks): one text or a pair, classes or a score.
+The model gets a head for it (num_labels, problem_type, id2label saved in its config), the
+Trainer the task's metrics (results.metrics), the job its main metric as `objective`.
 
 A job of one process trains here. A job of several processes (nodes x processes_per_node)
 that nobody started as ranks starts them as workers on this machine, each re-entering
@@ -17,14 +21,17 @@ from transformers import TrainerCallback, set_seed
 
 from nlpwf import models
 from nlpwf.config.checks import check_job
-from nlpwf.data.splits import load_splits
+from nlpwf.data.splits import load_splits, test_file
+from nlpwf.data.tasks import Task
 from nlpwf.data.tokenize import tokenize
 from nlpwf.errors import Interrupted
-from nlpwf.results import files, plots
+from nlpwf.inference.classifier import Classifier, SequenceLogits
+from nlpwf.results import files, metrics, plots
 from nlpwf.runtime import collective, contract, jobfile, threads, workers
 from nlpwf.runtime.peers import peer_loss
+from nlpwf.stages import predict
 from nlpwf.training import checkpoints, cpu, recorder, tracking
-from nlpwf.training.trainer import build, check_model_limits, final_eval, training_arguments
+from nlpwf.training.trainer import build, check_model_limits, check_objective, final_eval, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +41,19 @@ def preflight(cfg: DictConfig) -> None:
     mistake is reported once and not by every rank."""
     check_job(cfg)
     check_model_limits(cfg)
-    load_splits(cfg.dataset)
+    task, _ = load_splits(cfg.dataset)
+    check_task(cfg, task)
+
+
+def check_task(cfg: DictConfig, task: Task) -> None:
+    """What can only be checked once the task is known: the objective is one of its metrics, and
+    the test file (read through, every row) has the texts the model will take."""
+    check_objective(cfg.objective, task)
+    path = test_file(cfg.dataset)
+    if path is not None:
+        with predict.open_input(path, task, None, chunk_rows=4096) as reader:
+            for _ in reader.chunks():
+                pass
 
 
 def run(cfg: DictConfig, job_dir: Path) -> dict | None:
@@ -52,7 +71,7 @@ def run_local_workers(cfg: DictConfig, job_dir: Path) -> dict:
     config_file = jobfile.write_job_config(cfg, job_dir / jobfile.JOB_CONFIG)
     code = workers.run_workers(jobfile.worker_command(config_file, job_dir), cfg.nodes, cfg.compute.processes_per_node,
                                threads=threads.threads_per_process(configured, world))
-    workers.raise_for_exit(code, "a worker process", checkpoints.resume_hint(job_dir / checkpoints.CHECKPOINT_DIR, job_dir))
+    workers.raise_for_exit(code, "a worker process", checkpoints.resume_hint(checkpoints.folder_of(cfg, job_dir), job_dir))
     metrics = files.read_metrics(job_dir)
     if metrics is None:
         raise RuntimeError(f"the workers finished but rank 0 wrote no {files.METRICS_FILE} in {job_dir}")
@@ -65,7 +84,9 @@ def train(cfg: DictConfig, job_dir: Path, callbacks: list[TrainerCallback] = ())
     rank = contract.from_env() or contract.Rank()
     if not rank.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    # Processes on this machine: torchrun and nlpwf's workers say it; Azure ML does not (its
+    # contract has no LOCAL_WORLD_SIZE), so a rank of a multi-process job takes it from the job.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or (cfg.compute.processes_per_node if rank.world_size > 1 else 1))
     n_threads = threads.set_threads(int(os.environ.get("OMP_NUM_THREADS")
                                         or threads.threads_per_process(cfg.compute.threads_per_process, local_world)))
     tuning = cpu.setup_process(cfg.get("perf"), rank, local_world, n_threads)
@@ -73,19 +94,20 @@ def train(cfg: DictConfig, job_dir: Path, callbacks: list[TrainerCallback] = ())
 
     check_job(cfg)
     check_model_limits(cfg)
-    splits = load_splits(cfg.dataset)
+    task, splits = load_splits(cfg.dataset)
+    check_task(cfg, task)
     tokenizer = models.load_tokenizer(cfg.model)
     encoded = tokenize(splits, tokenizer, cfg.dataset.max_seq_length, cfg.dataset.pad_to_max_length)
 
     args = training_arguments(cfg, job_dir, tracking.report_to(cfg.logger))
     set_seed(args.seed)  # before the model, so a random-init or a new classifier head is reproducible
-    trainer, sigterm = build(cfg, args, encoded, tokenizer, callbacks)
+    trainer, sigterm = build(cfg, args, encoded, tokenizer, task, callbacks)
     checkpoint_dir = Path(args.output_dir)
     resume = checkpoints.resume_point(cfg.training.get("resume"), checkpoint_dir, rank.is_main)
     tracker = tracking.start(cfg, job_dir, rank.is_main)  # before train(): the integrations reuse its runs
     record = recorder.attach(trainer, cfg.get("perf"), tuning, bf16=args.bf16)
-    log.info("training %s on %s: %d train / %d eval pairs, world size %d, %s, %d thread(s) per process",
-             cfg.model.name, cfg.dataset.name, len(encoded["train"]), len(encoded["eval"]), rank.world_size,
+    log.info("training %s on %s (%s): %d train / %d eval examples, world size %d, %s, %d thread(s) per process",
+             cfg.model.name, cfg.dataset.name, describe(task), len(encoded["train"]), len(encoded["eval"]), rank.world_size,
              cfg.precision.name, n_threads)
     # A lost rank: one line, not a gloo stack.
     with peer_loss(rank, lambda: checkpoints.resume_hint(checkpoint_dir, job_dir)):
@@ -93,7 +115,7 @@ def train(cfg: DictConfig, job_dir: Path, callbacks: list[TrainerCallback] = ())
     if sigterm.stopped_at is not None:  # not the end of training: nothing is evaluated or published
         raise Interrupted(f"training stopped by SIGTERM at step {sigterm.stopped_at} of {trainer.state.max_steps}; "
                           f"{checkpoints.resume_hint(checkpoint_dir, job_dir)}")
-    eval_metrics = final_eval(trainer)
+    eval_metrics = final_eval(trainer, encoded)
 
     digests = collective.parameter_digests(trainer.model)
     if len(set(digests)) > 1:
@@ -107,12 +129,33 @@ def train(cfg: DictConfig, job_dir: Path, callbacks: list[TrainerCallback] = ())
         "world_size": rank.world_size, "nodes": cfg.nodes, "processes_per_node": cfg.compute.processes_per_node,
         "threads_per_process": n_threads, "backend": backend or "none", "precision": cfg.precision.name,
         "model": cfg.model.name, "dataset": cfg.dataset.name, "eval_split": cfg.dataset.eval_split,
-        "train_pairs": len(encoded["train"]), "eval_pairs": len(encoded["eval"]),
+        "task": task.name, "problem_type": task.problem_type, "labels": list(task.labels) or ["score"],
+        "objective": cfg.objective, "train_pairs": len(encoded["train"]), "eval_pairs": len(encoded["eval"]),
         "parameter_digests": digests, **record.report(),
     }
+    if test_file(cfg.dataset) is not None:
+        result["test_predictions"] = str(predict_test_file(cfg, trainer.model, tokenizer, task, job_dir))
     publish(result, trainer, staged, job_dir, tracker)
-    log.info("eval_accuracy %.4f, eval_f1 %.4f; model and metrics in %s", result["eval_accuracy"], result["eval_f1"], job_dir)
+    splits = ["eval"] + [name for name in encoded if name.startswith("eval_")]  # and eval_mismatched (MNLI)
+    shown = [f"{split}_{name}" for split in splits for name in metrics.names(task.name, task.num_labels)]
+    log.info("%s; model and metrics in %s", ", ".join(f"{k} {result[k]:.4f}" for k in shown if k in result), job_dir)
     return result
+
+
+def describe(task: Task) -> str:
+    texts = " + ".join(task.text_columns)
+    return f"{texts} -> score" if task.regression else f"{texts} -> {len(task.labels)} classes"
+
+
+def predict_test_file(cfg: DictConfig, model, tokenizer, task: Task, job_dir: Path) -> Path:
+    """dataset.test_file with the trained model's predictions, as stage=predict writes them."""
+    classifier = Classifier(SequenceLogits(model).eval(), tokenizer, cfg.dataset.max_seq_length, cfg.precision.name, task=task)
+    path = test_file(cfg.dataset)
+    target = Path(job_dir) / f"test_predictions{path.suffix.lower()}"
+    with predict.open_input(path, task, None, chunk_rows=4096) as reader:
+        rows = predict.write_predictions(classifier, reader, target, cfg.training.per_device_eval_batch_size)
+    log.info("predicted the %d rows of %s into %s", rows, path, target)
+    return target
 
 
 def publish(result: dict, trainer, staged_model: Path, job_dir: Path, tracker) -> None:

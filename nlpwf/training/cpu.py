@@ -114,6 +114,7 @@ class ProcessSettings:
     allocator: str
     ipex: str = "off"
     comm_hook: str = "none"
+    unpad: str = "off"
     extras: dict = field(default_factory=dict)
 
 

@@ -1,15 +1,18 @@
 """What a training run actually did, for metrics.json: activation dtype inside autocast, padded
 batch shapes, threads and cores per rank; and the CPU add-ons `attach` puts on a Trainer
-(IPEX when installed, an optional DDP gradient-compression hook)."""
+(training without the padding, IPEX when installed, an optional DDP gradient-compression hook)."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 from transformers import TrainerCallback
 
 from nlpwf.runtime import collective
-from nlpwf.training import cpu
+from nlpwf.training import cpu, unpad
+
+log = logging.getLogger(__name__)
 
 
 class Recorder(TrainerCallback):
@@ -54,6 +57,8 @@ class Recorder(TrainerCallback):
     def _record_dtype(self, module, inputs, output):
         if module.training and self.activation_dtype is None:
             self.activation_dtype = str(output.dtype).replace("torch.", "")
+            for handle in self._handles:  # once is enough: no Python hook on every later forward
+                handle.remove()
 
     def on_train_end(self, args, state, control, **kwargs):
         # Every rank reaches this point, so the gather cannot hang.
@@ -75,6 +80,7 @@ class Recorder(TrainerCallback):
             # batches padded beyond their longest pair (pad_to_max_length or pad_to_multiple_of)
             "perf_overpadded_batches": sum(1 for _, p, mx, *_ in b if p > mx),
             "perf_mean_length_spread": sum(mx - mn for _, _, mx, mn, *_ in b) / max(1, len(b)),
+            "perf_unpad": self.settings.unpad, **unpad.counts(self.trainer.model),
             "perf_ipex": self.settings.ipex, "perf_allocator": self.settings.allocator,
             "perf_ddp_comm_hook": self.settings.comm_hook, "perf_ddp_comm_hook_calls": self.hook_calls,
             "perf_processes": self.ranks,
@@ -92,6 +98,7 @@ def mask_shape(mask) -> tuple[int, int, int, int, int, int]:
 def attach(trainer, cfg, settings: cpu.ProcessSettings, bf16: bool) -> Recorder:
     """Add nlpwf's CPU add-ons to a Trainer before `train()`. `cfg` is the `perf` node (may be None)."""
     cfg = cfg or {}
+    settings.unpad = apply_unpad(trainer) if cfg.get("unpad", False) else "off"
     if cfg.get("ipex", True):
         settings.ipex = cpu.apply_ipex(trainer, bf16)
     recorder = Recorder(trainer, settings, cfg.get("ddp_comm_hook"))
@@ -99,3 +106,12 @@ def attach(trainer, cfg, settings: cpu.ProcessSettings, bf16: bool) -> Recorder:
         cpu.comm_hook(recorder.hook_name)  # reject an unknown name now, not after loading data on every rank
     trainer.add_callback(recorder)
     return recorder
+
+
+def apply_unpad(trainer) -> str:
+    """Train without computing the padding (unpad.py) where the model allows it; else one line why."""
+    reason = "torch_compile is on" if trainer.args.torch_compile else unpad.apply(trainer.model)
+    if reason:
+        log.info("perf.unpad: %s, so training computes the padded batches", reason)
+        return f"off: {reason}"
+    return "on"

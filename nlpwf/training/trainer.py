@@ -11,6 +11,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, Trai
 
 from nlpwf import models
 from nlpwf.config.checks import spelling_hint
+from nlpwf.data.tasks import Task
 from nlpwf.errors import UserError
 from nlpwf.results import metrics
 from nlpwf.training import checkpoints, progress
@@ -39,7 +40,7 @@ def training_arguments(cfg: DictConfig, job_dir: Path, report_to: list[str]) -> 
     kwargs = OmegaConf.to_container(cfg.training, resolve=True)
     kwargs.pop("resume", None)  # nlpwf's own key (checkpoints.resume_point)
     kwargs.update(
-        output_dir=str(Path(job_dir) / checkpoints.CHECKPOINT_DIR),
+        output_dir=str(checkpoints.folder_of(cfg, job_dir)),
         save_total_limit=None,  # nlpwf rotates, counting complete checkpoints only (checkpoints.py)
         use_cpu=True,
         bf16=cfg.precision.name == "bf16",
@@ -72,28 +73,46 @@ class ObservedTrainer(Trainer):
         return super().training_step(model, inputs, *args, **kwargs)
 
 
-def build(cfg: DictConfig, args: TrainingArguments, encoded, tokenizer,
+def build(cfg: DictConfig, args: TrainingArguments, encoded, tokenizer, task: Task,
           callbacks: list[TrainerCallback] = ()) -> tuple[Trainer, StopOnSigterm]:
     """The Trainer for `encoded` (splits `train` and `eval`), and its SIGTERM watcher. The model
-    is created here, after the caller seeded the RNGs. `callbacks` are added after nlpwf's own."""
+    is created here, after the caller seeded the RNGs, with a head for `task` (its labels, or one
+    output for a score). `callbacks` are added after nlpwf's own."""
     sigterm = StopOnSigterm()
     trainer = ObservedTrainer(
-        model=models.load_model(cfg.model),
+        model=models.load_model(cfg.model, **task.model_config()),
         args=args,
         train_dataset=encoded["train"],
         eval_dataset=encoded["eval"],
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.dataset.get("pad_to_multiple_of")),
-        compute_metrics=metrics.from_eval_prediction,
+        compute_metrics=metrics.for_trainer(task.name, task.num_labels),
         callbacks=[checkpoints.CheckpointCallback(cfg.training.get("save_total_limit")), sigterm, *callbacks],
     )
     progress.install(trainer)  # line-based progress in log files
     return trainer, sigterm
 
 
-def final_eval(trainer: Trainer) -> dict:
-    """The evaluation at the last step if the schedule already ran it, else a new one."""
+def check_objective(objective: str | None, task: Task) -> None:
+    """The job's objective must be a metric the task reports, or a sweep would optimise nothing
+    (Optuna gets no value back) after every trial has trained."""
+    reported = [f"eval_{name}" for name in metrics.names(task.name, task.num_labels)] + ["eval_loss"]
+    if objective not in reported:
+        kind = "score (regression)" if task.regression else f"{task.num_labels}-class"
+        main = reported[0]
+        raise UserError(f"objective={objective} is not a metric of this {kind} task, which reports {', '.join(reported)}: "
+                        f"set dataset.objective={main} (or objective={main})")
+
+
+def final_eval(trainer: Trainer, encoded) -> dict:
+    """The evaluation at the last step if the schedule already ran it, else a new one; then each
+    further eval split (`eval_NAME`, MNLI's mismatched) with its metrics named eval_NAME_*."""
     history = [h for h in trainer.state.log_history if "eval_loss" in h]
     if history and history[-1].get("step") == trainer.state.global_step:
-        return {k: v for k, v in history[-1].items() if k.startswith("eval_")}
-    return trainer.evaluate()
+        result = {k: v for k, v in history[-1].items() if k.startswith("eval_")}
+    else:
+        result = trainer.evaluate()
+    for split in encoded:
+        if split.startswith("eval_"):
+            result.update(trainer.evaluate(encoded[split], metric_key_prefix=split))
+    return result

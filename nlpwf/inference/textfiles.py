@@ -1,8 +1,9 @@
-"""Sentence-pair files (TSV, CSV, JSONL) read in chunks and written atomically.
+"""Text files for the serving stages (TSV, CSV, JSONL): read in chunks, written atomically.
 
-Reading never holds more than one chunk of rows; writing goes to a hidden temporary file
-beside the output that is renamed over it only when every row is written, so an output file
-that exists is always complete.
+A file holds one text per row, or a pair, plus any other columns (passed through to the
+output), and for `evaluate` a label. Reading never holds more than one chunk of rows; writing
+goes to a hidden temporary file beside the output that is renamed over it only when every row
+is written, so an output file that exists is always complete.
 """
 from __future__ import annotations
 
@@ -10,16 +11,18 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
+from nlpwf.data import glue
+from nlpwf.data.tasks import Task
 from nlpwf.errors import UserError
 from nlpwf.results.files import AtomicFile
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl"}
-# Column names tried in order when none is configured: nlpwf's own, then GLUE's.
-SENTENCE1 = ("sentence1", "#1 String")
-SENTENCE2 = ("sentence2", "#2 String")
-LABEL = ("label", "Quality")
+# Column names tried, after the model's own, when none is configured: nlpwf's, then GLUE's.
+PAIR = (("sentence1", "#1 String"), ("sentence2", "#2 String"))
+SINGLE = (("sentence", "text"),)
+LABELS = ("label", "Quality")
 
 # A CSV field may be long (a paragraph); the csv module's default cap is 128 KiB.
 csv.field_size_limit(16 * 1024 * 1024)
@@ -32,23 +35,76 @@ def file_format(path: Path) -> str:
     return fmt
 
 
+def text_candidates(task: Task, configured: Sequence[str] | None) -> list[list[str]]:
+    """For each text the model takes, the column names to look for: the configured ones, else the
+    model's own (the columns it was trained on), its GLUE task's file columns, then the usual names."""
+    if configured and len(configured) != len(task.text_columns):
+        raise UserError(f"{len(configured)} text column(s) given ({', '.join(map(str, configured))}) but the model takes "
+                        f"{len(task.text_columns)} ({', '.join(task.text_columns)}): name {len(task.text_columns)}")
+    files = list(glue.TASKS[task.name].texts.values()) if task.name in glue.TASKS else []
+    usual = PAIR if len(task.text_columns) == 2 else SINGLE
+    found = [_unique([own, *files[i:i + 1], *usual[i]]) for i, own in enumerate(task.text_columns)]
+    return [[name] if name else detected for name, detected in zip(configured or [None] * len(found), found)]
+
+
+def label_candidates(task: Task, configured: str | None) -> list[str]:
+    if configured:
+        return [configured]
+    files = [glue.TASKS[task.name].label] if task.name in glue.TASKS else []
+    return _unique([task.label_column, *files, *LABELS])
+
+
+def label_values(task: Task, values: list, path: Path, lines: list[int], column: str) -> list:
+    """Labels as a file writes them, in the model's terms: class ids (from a class name, or an id
+    written as a number) or float scores."""
+    out = []
+    names = {name: i for i, name in enumerate(task.labels)} | {name: i for i, name in enumerate(task.shown_labels())}
+    for value, line in zip(values, lines):
+        text = str(value).strip()
+        if task.regression:
+            try:
+                out.append(float(text))
+            except ValueError:
+                raise UserError(f"{path}:{line}: score {value!r} in column {column!r} is not a number: fix that row") from None
+        elif text in names:
+            out.append(names[text])
+        elif text.isdigit() and int(text) < len(task.labels):
+            out.append(int(text))
+        else:
+            raise UserError(f"{path}:{line}: label {value!r} in column {column!r} is not one of the model's labels "
+                            f"({', '.join(task.shown_labels())}) or their ids 0 to {len(task.labels) - 1}: fix that row")
+    return out
+
+
+def _unique(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
 @dataclass
 class Chunk:
-    """Rows as read (lists for TSV/CSV, dicts for JSONL) and the fields nlpwf needs from them."""
+    """Rows as read (lists for TSV/CSV, dicts for JSONL), their texts and labels as written."""
 
     rows: list
-    sentence1: list[str]
-    sentence2: list[str]
-    labels: list[int] | None
-    first_line: int
+    texts: list[list[str]]         # one list per text column
+    labels: list | None
+    lines: list[int]
+
+    @property
+    def sentence1(self) -> list[str]:
+        return self.texts[0]
+
+    @property
+    def sentence2(self) -> list[str]:
+        return self.texts[1]
 
 
-class PairReader:
-    """Iterate a pair file in chunks. Columns are found from the header (or the first JSON
-    object) before any row is scored, so a wrong file fails before any work is done."""
+class TextReader:
+    """Iterate a text file in chunks. Columns are found from the header (or the first JSON
+    object) before any row is scored, so a wrong file fails before any work is done.
+    `texts`: for each text, the column names to try in order; `label`: likewise, or None."""
 
-    def __init__(self, path: str | Path, sentence1: str | None = None, sentence2: str | None = None,
-                 label: str | None | bool = None, chunk_rows: int = 4096):
+    def __init__(self, path: str | Path, texts: Sequence[Sequence[str]] = PAIR, label: Sequence[str] | None = None,
+                 chunk_rows: int = 4096, option: str = "stage.text_columns"):
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise UserError(f"{self.path} not found: give an existing .tsv, .csv or .jsonl file")
@@ -61,10 +117,14 @@ class PairReader:
         self._first = next(self._lines, None)
         if self._first is None:
             self.close()
-            raise UserError(f"{self.path} is empty: it needs a header line (or JSON keys) naming the two sentences, and at least one pair")
+            raise UserError(f"{self.path} is empty: it needs a header line (or JSON keys) naming the text columns, and at least one row")
         self.header = self._first[1] if self.format != "jsonl" else list(self._first[1])
-        self.columns = [self._column(sentence1, SENTENCE1, "sentence1_column"), self._column(sentence2, SENTENCE2, "sentence2_column")]
-        self.label_column = self._column(label if isinstance(label, str) else None, LABEL, "label_column") if label else None
+        try:
+            self.columns = [self._column(names, option) for names in texts]
+            self.label_column = self._column(label, "stage.label_column") if label else None
+        except UserError:
+            self.close()
+            raise
         if self.format != "jsonl":
             self._first = None  # the header line is not a row
         self.rows_read = 0
@@ -90,15 +150,15 @@ class PairReader:
             raise UserError(f"{self.path}:{lineno}: a JSON {type(record).__name__}, not an object: each line must be one JSON object")
         return record
 
-    def _column(self, configured: str | None, candidates: tuple[str, ...], key: str) -> str:
-        names = [configured] if configured else list(candidates)
+    def _column(self, names: Sequence[str], key: str) -> str:
         for name in names:
             if name in self.header:
                 return name
         found = ", ".join(map(repr, self.header[:8]))
-        raise UserError(f"{self.path} has no column {' or '.join(map(repr, names))} (it has {found}): rename it or set stage.{key}=NAME")
+        hint = f"set {key}=NAME" if key == "stage.label_column" else f"set {key}=[NAME] (or [NAME1,NAME2] for a pair)"
+        raise UserError(f"{self.path} has no column {' or '.join(map(repr, names))} (it has {found}): rename it or {hint}")
 
-    def _fields(self, lineno: int, record) -> tuple[str, str, int | None]:
+    def _fields(self, lineno: int, record) -> tuple[list[str], object]:
         if self.format == "jsonl":
             missing = [c for c in self.columns + ([self.label_column] if self.label_column else []) if c not in record]
             if missing:
@@ -111,24 +171,20 @@ class PairReader:
             values = [record[self.header.index(c)] for c in self.columns]
             label = record[self.header.index(self.label_column)] if self.label_column else None
         if not all(isinstance(v, str) for v in values):
-            raise UserError(f"{self.path}:{lineno}: a sentence is not text: both sentences must be strings")
-        return values[0], values[1], None if label is None else self._label(label, lineno)
-
-    def _label(self, value, lineno: int) -> int:
-        if str(value).strip() not in ("0", "1"):
-            raise UserError(f"{self.path}:{lineno}: label {value!r} is not 0 or 1: fix the {self.label_column} column")
-        return int(str(value).strip())
+            raise UserError(f"{self.path}:{lineno}: a text is not a string: every text column must hold text")
+        return values, label
 
     def chunks(self) -> Iterator[Chunk]:
         lines = self._lines if self._first is None else _prepend(self._first, self._lines)
         chunk = None
         for lineno, record in lines:
             if chunk is None:
-                chunk = Chunk([], [], [], [] if self.label_column else None, lineno)
-            s1, s2, label = self._fields(lineno, record)
+                chunk = Chunk([], [[] for _ in self.columns], [] if self.label_column else None, [])
+            values, label = self._fields(lineno, record)
             chunk.rows.append(record)
-            chunk.sentence1.append(s1)
-            chunk.sentence2.append(s2)
+            chunk.lines.append(lineno)
+            for column, value in zip(chunk.texts, values):
+                column.append(value)
             if chunk.labels is not None:
                 chunk.labels.append(label)
             if len(chunk.rows) == self.chunk_rows:
@@ -139,7 +195,7 @@ class PairReader:
             self.rows_read += len(chunk.rows)
             yield chunk
         if self.rows_read == 0:
-            raise UserError(f"{self.path} has a header but no pairs: give at least one pair")
+            raise UserError(f"{self.path} has a header but no rows: give at least one row")
 
     def close(self) -> None:
         self._file.close()

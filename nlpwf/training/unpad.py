@@ -1,0 +1,202 @@
+"""Training a BERT without computing its padding.
+
+With dynamic padding and batches in random order, about 30% of the tokens a BERT encoder
+computes on MRPC are padding. `apply(model)` makes a BERT model run everything that works token
+by token (embeddings, Q/K/V, attention output, feed-forward, layer norms, dropout) on the real
+tokens of the batch only, packed as one (tokens, hidden) matrix, and only attention itself on
+the padded (batch, length) layout: transformers' eager attention in training (on CPU it trains
+faster than sdpa, whose math path is the only one with dropout), and the model's own
+implementation (sdpa or eager) with its own mask in evaluation. Nothing else changes: same
+modules, same parameters, same checkpoints, and a model that saves and reloads as a plain BERT.
+
+The maths is the padded model's. A pad token never reaches a real one (its key is masked) and
+the classifier reads the first token, so the padded rows only ever fed themselves. Dropout
+masks are drawn in the padded shape with the same RNG calls the padded model makes (then the
+real tokens' entries are kept), so a training step computes the same loss and gradients as the
+padded one, to float rounding, dropout included, and the RNG stream stays in step with a
+padded run. A batch this cannot take (left padding, no padding at all, outputs such as
+attentions or hidden states asked for) runs the model's own forward.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.modeling_flash_attention_utils import _pad_input
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bert.modeling_bert import BertModel, eager_attention_forward
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+# Keyword arguments that change nothing the encoder computes (Trainer passes the loss's token count).
+IGNORED_KWARGS = {"return_dict", "num_items_in_batch"}
+ATTENTION = ("sdpa", "eager")  # implementations that take a padded 4D mask; flex/flash index differently
+
+
+def unsupported(model) -> str | None:
+    """Why `model` cannot train unpadded, or None when it can."""
+    base = getattr(model, "base_model", None)
+    if type(base) not in (BertModel, UnpaddedBertModel):
+        return f"{type(model).__name__} is not a BERT model"
+    config = base.config
+    if config.is_decoder or config.add_cross_attention:
+        return "a BERT decoder (causal or cross-attention)"
+    if getattr(config, "chunk_size_feed_forward", 0):
+        return "chunked feed-forward (config.chunk_size_feed_forward)"
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return f"position_embedding_type={config.position_embedding_type}"
+    if config._attn_implementation not in ATTENTION:
+        return f"attn_implementation={config._attn_implementation} (unpadding wraps {' or '.join(ATTENTION)})"
+    return None
+
+
+def apply(model) -> str | None:
+    """Make `model` (a BertFor... model, not yet wrapped by DDP) train unpadded. Returns None when
+    done, else the reason it was left padded."""
+    reason = unsupported(model)
+    if reason is None:
+        base = model.base_model
+        base.__class__ = UnpaddedBertModel
+        base.unpad_batches = [0, 0]
+        # transformers records hidden states and attentions by the model's class name: the same as BertModel's
+        _CAN_RECORD_REGISTRY[base] = getattr(base, "_can_record_outputs", None)
+    return reason
+
+
+def remove(model) -> None:
+    if type(getattr(model, "base_model", None)) is UnpaddedBertModel:
+        model.base_model.__class__ = BertModel
+
+
+def is_applied(model) -> bool:
+    model = getattr(model, "module", model)  # DDP
+    return type(getattr(model, "base_model", None)) is UnpaddedBertModel
+
+
+def counts(model) -> dict:
+    """Training batches run unpadded and run padded (no padding, left padding, ...) so far."""
+    base = getattr(getattr(model, "module", model), "base_model", None)
+    packed, padded = getattr(base, "unpad_batches", (0, 0))
+    return {"perf_unpadded_batches": packed, "perf_padded_batches": padded}
+
+
+class Packing:
+    """Where the real tokens of a right-padded (batch, length) batch are in its flattened layout."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.batch, self.length = attention_mask.shape
+        self.index = attention_mask.flatten().nonzero().flatten()  # real tokens, row-major
+        lengths = attention_mask.sum(dim=1)
+        self.first = torch.cumsum(lengths, 0) - lengths  # each row's first token among the real ones
+
+    def gather(self, padded: torch.Tensor) -> torch.Tensor:
+        """(batch, length, ...) → (tokens, ...)."""
+        return padded.reshape(self.batch * self.length, *padded.shape[2:]).index_select(0, self.index)
+
+    def scatter(self, packed: torch.Tensor) -> torch.Tensor:
+        """(tokens, ...) → (batch, length, ...), zeros at the padding."""
+        return _pad_input(packed, self.index, self.batch, self.length)
+
+
+def _bernoulli(shape, p: float) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.bool).bernoulli_(1 - p)
+
+
+def _apply_mask(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    noise = keep.to(x.dtype)
+    noise.div_(1 - p)
+    return x * noise
+
+
+class UnpaddedBertModel(BertModel):
+    """BertModel whose forward packs the real tokens (see the module doc). Set on a model's
+    instance by `apply`; its parameters, buffers and state dict are BertModel's."""
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                **kwargs):
+        packs = self._can_pack(input_ids, attention_mask, inputs_embeds, kwargs)
+        if self.training and "unpad_batches" in self.__dict__:
+            self.unpad_batches[0 if packs else 1] += 1
+        if not packs:
+            return super().forward(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                   position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
+        pack = Packing(attention_mask)
+        x = self._embed(pack, input_ids, token_type_ids, position_ids)
+        if self.training:
+            # transformers' eager attention: on CPU it trains faster than sdpa, whose math path (the
+            # only one with dropout) upcasts bf16 and checks for fully masked rows in every layer
+            attention, mask = eager_attention_forward, _additive_mask(attention_mask, x.dtype)
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+            # the padded model's own 4D mask for its attention implementation
+            mask = self._create_attention_masks(attention_mask, None, torch.empty((pack.batch, pack.length, 0), dtype=x.dtype),
+                                                None, None)[0]
+        for layer in self.encoder.layer:
+            x = self._layer(layer, pack, x, attention, mask)
+        pooled = self.pooler(x.index_select(0, pack.first).unsqueeze(1)) if self.pooler is not None else None
+        sequence = pack.scatter(x)
+        if kwargs.get("return_dict") is False:
+            return (sequence, pooled)
+        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=sequence, pooler_output=pooled)
+
+    def _can_pack(self, input_ids, attention_mask, inputs_embeds, kwargs) -> bool:
+        if input_ids is None or inputs_embeds is not None or attention_mask is None or attention_mask.dim() != 2:
+            return False
+        if any(v for k, v in kwargs.items() if k not in IGNORED_KWARGS) or self.config.output_attentions \
+                or self.config.output_hidden_states:
+            return False  # attentions, hidden states, a cache, encoder states: the model's own forward provides them
+        if self.encoder.layer and self.encoder.layer[0].gradient_checkpointing and self.training:
+            return False
+        if not bool(attention_mask[:, 0].all()):
+            return False  # left padding: the padded model pools a pad token
+        return not bool(attention_mask.all())  # no padding: nothing to remove
+
+    @staticmethod
+    def _dropout(x: torch.Tensor, module: torch.nn.Dropout, pack: Packing) -> torch.Tensor:
+        """`module(x)` for packed `x` with the padded model's mask: drawn over the padded shape,
+        then its real tokens' rows kept."""
+        if not _draws(module):
+            return module(x)  # identity, or zeros for p=1: no draw either way
+        keep = _bernoulli((pack.batch * pack.length, *x.shape[1:]), module.p)
+        return _apply_mask(x, keep.index_select(0, pack.index), module.p)
+
+    def _embed(self, pack: Packing, input_ids, token_type_ids, position_ids) -> torch.Tensor:
+        """BertEmbeddings.forward on the real tokens."""
+        emb = self.embeddings
+        ids = pack.gather(input_ids)
+        if position_ids is None:
+            positions = pack.index % pack.length
+        else:
+            positions = pack.gather(position_ids.expand(pack.batch, pack.length))
+        if token_type_ids is None:
+            types = torch.zeros_like(ids)
+        else:
+            types = pack.gather(token_type_ids)
+        x = emb.word_embeddings(ids) + emb.token_type_embeddings(types)
+        x = x + emb.position_embeddings(positions)
+        x = emb.LayerNorm(x)
+        return self._dropout(x, emb.dropout, pack)
+
+    def _layer(self, layer, pack: Packing, x: torch.Tensor, attention, mask) -> torch.Tensor:
+        """BertLayer.forward on packed tokens: attention on the padded layout, the rest packed."""
+        a = self._self_attention(layer.attention.self, pack, x, attention, mask)
+        out = layer.attention.output
+        h = out.LayerNorm(self._dropout(out.dense(a), out.dropout, pack) + x)
+        i = layer.intermediate(h)
+        out = layer.output
+        return out.LayerNorm(self._dropout(out.dense(i), out.dropout, pack) + h)
+
+    def _self_attention(self, sa, pack: Packing, x: torch.Tensor, attention, mask) -> torch.Tensor:
+        shape = (pack.batch, pack.length, -1, sa.attention_head_size)
+        q, k, v = (pack.scatter(proj(x)).view(shape).transpose(1, 2) for proj in (sa.query, sa.key, sa.value))
+        out, _ = attention(sa, q, k, v, mask, dropout=sa.dropout.p if sa.training else 0.0, scaling=sa.scaling)
+        return pack.gather(out.reshape(pack.batch, pack.length, -1))
+
+
+def _draws(module: torch.nn.Dropout) -> bool:
+    """Whether torch's dropout draws a mask (it returns early for p 0 or 1 and outside training)."""
+    return module.training and 0 < module.p < 1
+
+
+def _additive_mask(attention_mask: torch.Tensor, dtype) -> torch.Tensor:
+    """eager attention's mask: the lowest float at padded keys, broadcast over heads and queries."""
+    mask = torch.zeros(attention_mask.shape, dtype=dtype).masked_fill_(attention_mask == 0, torch.finfo(dtype).min)
+    return mask[:, None, None, :]

@@ -1,0 +1,198 @@
+"""Training without the padding (nlpwf/training/unpad.py) computes what the padded model computes.
+
+Unit level: tiny random BERTs, the same batch through the padded and the unpadded forward in
+training mode (dropout on: its masks are drawn in the padded shape, so they match), the same
+loss, logits and gradients; single sentences and sentence pairs; sdpa and eager attention; the
+batches it leaves to the model's own forward. End to end: the same tiny training with
+perf.unpad on and off gives the same loss trace. No timing here: the benchmark measures speed.
+"""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification
+
+from nlpwf.training import unpad
+
+from conftest import TINY, run_cli
+
+VOCAB = 100
+
+
+def tiny_bert(attn: str = "sdpa", **config) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64, num_labels=2, attn_implementation=attn, **config)
+    return BertForSequenceClassification(cfg).train()
+
+
+def batch(lengths: list[int], pairs: bool = True, seed: int = 1, extra: int = 3) -> dict:
+    """Right-padded batch with [CLS] A [SEP] (B [SEP]) token types, as a BERT tokenizer makes them;
+    `extra` columns of padding beyond the longest (pad_to_multiple_of does that)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths) + extra
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    types = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(5, VOCAB, (n,), generator=g)
+        ids[row, 0] = 1
+        mask[row, :n] = 1
+        if pairs and n > 4:
+            types[row, n // 2:n] = 1
+    out = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (len(lengths),), generator=g)}
+    if pairs:
+        out["token_type_ids"] = types
+    return out
+
+
+def step(model, inputs: dict, bf16: bool = False, seed: int = 7):
+    """Loss, logits and gradients of one training step from a fixed RNG state (dropout)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach().float(), out.logits.detach().float(), grads
+
+
+def both(model, inputs, **kw):
+    unpad.remove(model)
+    padded = step(model, inputs, **kw)
+    assert unpad.apply(model) is None
+    unpadded = step(model, inputs, **kw)
+    unpad.remove(model)
+    return padded, unpadded
+
+
+def assert_same(padded, unpadded, tol: float):
+    (loss_p, logits_p, grads_p), (loss_u, logits_u, grads_u) = padded, unpadded
+    assert abs(loss_p.item() - loss_u.item()) <= tol * max(1.0, abs(loss_p.item())), (loss_p, loss_u)
+    assert torch.allclose(logits_p, logits_u, rtol=tol, atol=tol)
+    assert grads_p.keys() == grads_u.keys()
+    # relative to the largest gradient: some (the key biases) are zero in exact arithmetic and rounding noise here
+    scale = max(g.abs().max().item() for g in grads_p.values())
+    worst = max((grads_p[n] - grads_u[n]).abs().max().item() for n in grads_p)
+    assert worst <= tol * scale, (worst, scale)
+
+
+LENGTHS = [9, 3, 17, 12, 5, 17, 1 + 6]  # ragged, two at the longest, one short
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pairs", [True, False], ids=["pairs", "single"])
+def test_unpadded_step_computes_the_padded_loss_and_gradients_fp32(attn, pairs):
+    model = tiny_bert(attn)
+    assert_same(*both(model, batch(LENGTHS, pairs)), tol=1e-5)
+
+
+@pytest.mark.parametrize("pairs", [True, False], ids=["pairs", "single"])
+def test_unpadded_step_computes_the_padded_loss_and_gradients_bf16(pairs):
+    model = tiny_bert()
+    assert_same(*both(model, batch(LENGTHS, pairs), bf16=True), tol=3e-2)
+
+
+def test_dropout_masks_follow_the_padded_model():
+    """With dropout the losses still agree: the masks are the padded model's. And the RNG ends
+    where the padded model leaves it, so the next step's masks agree too."""
+    model = tiny_bert(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    inputs = batch(LENGTHS)
+    unpad.remove(model)
+    torch.manual_seed(3)
+    padded = [model(**inputs).loss.item() for _ in range(2)]
+    after_padded = torch.rand(1)
+    unpad.apply(model)
+    torch.manual_seed(3)
+    unpadded = [model(**inputs).loss.item() for _ in range(2)]
+    after_unpadded = torch.rand(1)
+    assert padded == pytest.approx(unpadded, abs=1e-5) and padded[0] != padded[1]
+    assert torch.equal(after_padded, after_unpadded)
+
+
+def test_eval_logits_match_and_position_ids_are_honoured():
+    model = tiny_bert().eval()
+    inputs = {k: v for k, v in batch(LENGTHS).items() if k != "labels"}
+    unpad.remove(model)
+    with torch.no_grad():
+        padded = model(**inputs).logits
+        shifted = model(**inputs, position_ids=torch.arange(inputs["input_ids"].shape[1]).flip(0)[None]).logits
+    unpad.apply(model)
+    with torch.no_grad():
+        assert torch.allclose(padded, model(**inputs).logits, atol=1e-5)
+        assert torch.allclose(shifted, model(**inputs, position_ids=torch.arange(inputs["input_ids"].shape[1]).flip(0)[None]).logits,
+                              atol=1e-5)
+
+
+def test_batches_it_cannot_pack_run_the_models_own_forward():
+    model = tiny_bert()
+    unpad.apply(model)
+    full = batch([8, 8, 8], extra=0)             # no padding: nothing to remove
+    left = batch([8, 5, 3])
+    left["attention_mask"] = left["attention_mask"].flip(1)  # left padding: the padded model pools a pad token
+    left["input_ids"] = left["input_ids"].flip(1)
+    for inputs in (full, left):
+        model(**inputs)
+    out = model(**batch([8, 5]), output_hidden_states=True)  # asked for what only the padded forward records
+    assert len(out.hidden_states) == 3
+    model(**batch([8, 5]))
+    model(**batch([8, 5]), num_items_in_batch=2)  # Trainer passes the loss's item count: nothing the encoder uses
+    assert unpad.counts(model) == {"perf_unpadded_batches": 2, "perf_padded_batches": 3}
+
+
+def test_models_it_does_not_know_are_left_padded():
+    distil = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
+    assert "not a BERT model" in unpad.apply(distil)
+    decoder = tiny_bert(is_decoder=True)
+    assert "decoder" in unpad.apply(decoder) and not unpad.is_applied(decoder)
+
+
+def test_the_model_saves_and_reloads_as_the_plain_bert(tmp_path):
+    model = tiny_bert()
+    keys = set(model.state_dict())
+    unpad.apply(model)
+    assert set(model.state_dict()) == keys and unpad.is_applied(model)
+    model.save_pretrained(tmp_path / "m")
+    again = BertForSequenceClassification.from_pretrained(tmp_path / "m")
+    assert type(again.bert).__name__ == "BertModel"
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
+
+
+# ---- end to end: perf.unpad on and off, the same loss trace ------------------------------
+
+def losses(job) -> list[float]:
+    with (job / "train_log.csv").open() as f:
+        return [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
+
+
+def train(tmp_path, name: str, *args: str) -> tuple[dict, list[float]]:
+    job = tmp_path / name
+    proc = run_cli(*TINY, "training.train_sampling_strategy=random", "training.learning_rate=1e-3", *args, f"hydra.run.dir={job}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((job / "metrics.json").read_text()), losses(job)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("bf16", 2e-2)])
+def test_training_with_and_without_unpad_gives_the_same_loss_trace(tmp_path, precision, tol):
+    """Dropout on (the tiny BERT's 0.1): the same masks either way, so the traces agree step by step."""
+    on, on_losses = train(tmp_path, "on", f"precision={precision}", "perf.unpad=true")
+    off, off_losses = train(tmp_path, "off", f"precision={precision}", "perf.unpad=false")
+    assert on["perf_unpad"] == "on" and on["perf_unpadded_batches"] == on["perf_train_batches"] > 0
+    assert off["perf_unpad"] == "off" and off["perf_unpadded_batches"] == 0
+    assert len(on_losses) == len(off_losses) == 4 and len(set(on_losses)) > 1
+    assert max(abs(a - b) for a, b in zip(on_losses, off_losses)) < tol
+    assert abs(on["eval_loss"] - off["eval_loss"]) < tol
+
+
+@pytest.mark.slow
+def test_ddp_training_with_and_without_unpad_gives_the_same_loss_trace(tmp_path):
+    ddp = ["compute.processes_per_node=2", "training.per_device_train_batch_size=8"]
+    on, on_losses = train(tmp_path, "on", *ddp, "perf.unpad=true")
+    off, off_losses = train(tmp_path, "off", *ddp, "perf.unpad=false")
+    assert on["perf_unpad"] == "on" and on["world_size"] == 2
+    assert on["parameter_digests"][0] == on["parameter_digests"][1]
+    assert max(abs(a - b) for a, b in zip(on_losses, off_losses)) < 1e-4
