@@ -4,7 +4,8 @@
     python benchmarks/compile_speed.py --quick    # a smoke run
 
 Four workers train `experiment=mrpc_minilm` (fp32 and bf16, each eager and compiled) through
-nlpwf's real training path, taking turns exactly as in train_speed.py so that machine noise
+nlpwf's real training path (eager with its default unpadded training; compiled runs train padded,
+as `perf.unpad` steps aside under torch.compile), taking turns exactly as in train_speed.py so that machine noise
 hits all of them alike. Dynamic padding is kept: dynamo recompiles once for a second sequence
 length and then treats the length as dynamic. Reported per variant: steady-state samples/s
 after the warm-up steps, and the own time those warm-up steps took (where compiling happens);

@@ -9,13 +9,14 @@ faster than sdpa, whose math path is the only one with dropout), and the model's
 implementation (sdpa or eager) with its own mask in evaluation. Nothing else changes: same
 modules, same parameters, same checkpoints, and a model that saves and reloads as a plain BERT.
 
-The maths is the padded model's. A pad token never reaches a real one (its key is masked) and
-the classifier reads the first token, so the padded rows only ever fed themselves. Dropout
-masks are drawn in the padded shape with the same RNG calls the padded model makes (then the
-real tokens' entries are kept), so a training step computes the same loss and gradients as the
-padded one, to float rounding, dropout included, and the RNG stream stays in step with a
-padded run. A batch this cannot take (left padding, no padding at all, outputs such as
-attentions or hidden states asked for) runs the model's own forward.
+The maths is the padded model's. A pad token never reaches a real one (its key is masked), the
+sequence classifier reads the first token, and the hidden states returned hold zeros at the
+padding, so the padded rows only ever fed themselves. Dropout masks are drawn over the padded
+shape, as the padded model draws them (torch's CPU RNG is one serial stream), and cut to the
+real tokens' rows, so a training step computes the same loss and gradients as the padded one,
+to float rounding, dropout included, and leaves the RNG where a padded step would. A batch this
+cannot take (left padding, no padding at all, outputs such as attentions or hidden states asked
+for) runs the model's own forward.
 """
 from __future__ import annotations
 
