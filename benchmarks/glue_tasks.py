@@ -17,12 +17,13 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from nlpwf.runtime import isa
 
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "results" / "glue_tasks.md"
@@ -37,7 +38,8 @@ TASKS = {
 }
 COMMON = ["model=minilm_l6", "precision=bf16", "training.save_strategy=no"]
 RECIPES = {
-    "cola": [],
+    "cola": ["training.learning_rate=1e-4", "training.per_device_train_batch_size=32", "training.warmup_steps=0.1",
+             "training.weight_decay=0.01"],
     "sst2": ["dataset.max_train_samples=20000"],
     "stsb": [],
 }
@@ -129,15 +131,7 @@ def render(results: dict) -> str:
 
 
 def machine() -> str:
-    name = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
+    return f"{isa.detect().cpu}, {os.cpu_count()} cores"
 
 
 def main(argv=None) -> None:

@@ -32,7 +32,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -41,6 +40,8 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+
+from nlpwf.runtime import isa
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -62,8 +63,11 @@ FAST = ["experiment=mrpc_minilm"]  # the seed's optimiser settings with dynamic 
 VARIANTS = {"seed": SEED + ["precision=fp32"],
             "plain-fp32": FAST + ["precision=fp32"], "fast-fp32": FAST + ["precision=fp32"],
             "plain-bf16": FAST + ["precision=bf16"], "fast-bf16": FAST + ["precision=bf16"],
-            "fast-bf16-padded": FAST + ["precision=bf16", "perf.unpad=false"]}
-DTYPE = {name: "bf16" if "bf16" in name else "fp32" for name in VARIANTS}
+            "fast-bf16-padded": FAST + ["precision=bf16", "perf.unpad=false"],
+            "fast-auto": FAST + ["precision=auto"]}
+# fast-auto runs in what precision=auto picks for this CPU (bf16 where it is native, else fp32).
+AUTO = isa.choose("auto", isa.detect().native_bf16)
+DTYPE = {name: AUTO if name.endswith("-auto") else "bf16" if "bf16" in name else "fp32" for name in VARIANTS}
 PLAIN = {"plain-fp32", "plain-bf16"}
 THROUGHPUT_VARIANTS = {"minilm_l6": list(VARIANTS),
                        "bert_base_uncased": ["seed", "fast-fp32", "plain-bf16", "fast-bf16"]}
@@ -183,7 +187,7 @@ def train_plain(cfg, job_dir: Path, turns) -> dict:
     task, splits = load_splits(cfg.dataset)
     tokenizer = models.load_tokenizer(cfg.model)
     encoded = tokenize(splits, tokenizer, cfg.dataset.max_seq_length, cfg.dataset.pad_to_max_length)
-    args = training_arguments(cfg, job_dir, [])
+    args = training_arguments(cfg, job_dir, [], isa.resolve(cfg.precision.name, announce=False))
     set_seed(args.seed)
     model = models.load_model(cfg.model, **task.model_config())
 
@@ -485,18 +489,15 @@ def scaling_model(model: str, measured: dict, params: int, this_cores: int, batc
 # ---- report --------------------------------------------------------------------------------
 
 def machine() -> dict:
-    model_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                       if line.startswith("model name")), platform.processor())
-    flags = Path("/proc/cpuinfo").read_text()
     import torch
 
     from nlpwf.runtime import isa
     from nlpwf.training import cpu
 
     found = isa.detect()
-    return {"cpu": model_name, "cores": len(cpu.physical_core_groups(os.sched_getaffinity(0))),
+    return {"cpu": found.cpu, "cores": len(cpu.physical_core_groups(os.sched_getaffinity(0))),
             "isa": found.summary(), "isa_flags": found.as_dict(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags, "torch": torch.__version__,
+            "avx512_bf16": found.avx512_bf16, "amx": found.amx_bf16, "torch": torch.__version__,
             "ipex": "yes" if cpu.ipex_module() else "no", "allocator_available": cpu.find_allocator() or "none"}
 
 
@@ -539,6 +540,11 @@ def render_markdown(res: dict) -> str:
             lines.append(f"| {model} | {name} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {s['samples_per_s'] / base:.2f} | "
                          f"{vs_plain} | {s['mean_padded_length']:.0f} | {s['model_flops_per_s'] / 1e9:.0f} | "
                          f"{s['model_flops_per_s'] / peak:.1%} | {hfu:.1%} | {cv} | {s.get('unpad') or '-'} | {s['allocator']} |")
+    for model, variants in res.get("throughput", {}).items():
+        auto, picked = variants.get("fast-auto"), variants.get(f"fast-{res.get('auto_precision', AUTO)}")
+        if auto and picked:
+            lines += ["", f"{model}: precision=auto picked {res.get('auto_precision', AUTO)} on this CPU; fast-auto ÷ "
+                          f"fast-{res.get('auto_precision', AUTO)} = {auto['samples_per_s'] / picked['samples_per_s']:.2f}."]
     if res.get("loss_traces"):
         lines += ["", "### Loss traces", "",
                   "Variants with the same maths on the same batches from the same seed (dropout included): the largest "
@@ -732,6 +738,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     sections = set(args.sections.split(","))
     res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "threads": args.threads,
+           "auto_precision": AUTO,
            "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:] if argv is None else argv), "target": args.target,
            "gemm_n": args.gemm_n, "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()), "peaks": {}}
     tmp = Path(tempfile.mkdtemp(prefix="nlpwf-bench-"))

@@ -107,6 +107,17 @@ RESUMABLE = [*TINY, "dataset.max_train_samples=160", "training.num_train_epochs=
              "training.save_steps=3", "training.save_total_limit=2"]
 
 
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The user-error contract: exit 2, no traceback, exactly one `nlpwf: error:` line holding each fragment."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("nlpwf: error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
 def start_cli(*args: str, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
     """`python -m nlpwf ARGS` in the background, in its own process group, output to `log`."""
     out = open(log, "w") if log else subprocess.DEVNULL

@@ -2,17 +2,23 @@
 calls launchers only then); `launcher=local` on the command line keeps the job here."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from hydra.core.plugins import Plugins
 from hydra.plugins.launcher import Launcher
 
 from nlpwf.azureml import job as azjob
 
-from conftest import compose
+from conftest import CONF_DIR, PROJECT_ROOT, compose
 
 LAUNCHER_TARGET = "hydra_plugins.nlpwf_azureml_launcher.azureml_launcher.NlpwfAzureMLLauncher"
 
-AZURE_OPTIONS = {"d32_v5": "Standard_D32_v5", "d32s_v6": "Standard_D32s_v6"}
+AZURE_OPTIONS = {"d32_v5": "Standard_D32_v5", "d32s_v6": "Standard_D32s_v6", "d32as_v6": "Standard_D32as_v6"}
+# What each size's hosts compute natively (Azure's size pages: Dv5 is Ice Lake, Sapphire Rapids or
+# Emerald Rapids by host; Dsv6 Emerald Rapids; Dasv6 AMD Genoa): (native bf16, AMX).
+NATIVE = {"d32_v5": ("mixed", "mixed"), "d32s_v6": (True, True), "d32as_v6": (True, False)}
 
 
 def test_launcher_is_discovered_by_hydra():
@@ -64,3 +70,85 @@ def test_cli_with_launcher_local_runs_here_as_a_plain_run(tmp_path):
     assert r.returncode == 2
     assert "nlpwf: error: nodes=0" in r.stderr, r.stderr[-2000:]
     assert (tmp_path / "outputs").is_dir() and not (tmp_path / "multirun").exists()
+
+
+def test_every_azure_compute_option_is_listed():
+    options = {p.stem for p in (CONF_DIR / "compute").glob("*.yaml")} - {"local"}
+    assert options == set(AZURE_OPTIONS) == set(NATIVE)
+
+
+def _yes_no(value) -> str:
+    return {True: "yes", False: "no", "mixed": "mixed"}[value]
+
+
+@pytest.mark.parametrize("option", sorted(AZURE_OPTIONS))
+def test_compute_option_says_what_cpu_it_is_and_docs_agree(option):
+    """Each option states its CPU family and native bf16 / AMX (true, false or mixed by host), and
+    docs/azureml.md's table of compute options says the same, with the option's cores."""
+    cfg = compose(f"compute={option}")
+    c = cfg.compute
+    assert c.cpu and (c.native_bf16, c.amx) == NATIVE[option]
+    assert c.vcpus == 2 * c.cores  # Azure runs these sizes with 2 vCPUs (threads) per physical core
+    rows = [line for line in (PROJECT_ROOT / "docs" / "azureml.md").read_text().splitlines()
+            if line.startswith(f"| `{option}` |")]
+    assert len(rows) == 1, f"docs/azureml.md has no single table row for {option}"
+    _, _, vm_size, _family, shape, bf16, amx, vnni, precision, layout, _ = rows[0].split("|")
+    assert vm_size.strip() == c.vm_size
+    assert shape.strip() == f"{c.vcpus} / {c.cores} / {c.memory_gb} GiB"
+    assert bf16.strip().startswith(_yes_no(c.native_bf16)) and amx.strip().startswith(_yes_no(c.amx))
+    assert vnni.strip() == "yes"
+    # bf16 is what fits only where every host computes it natively; elsewhere auto decides per job
+    assert precision.strip().startswith("`bf16`" if c.native_bf16 is True else "`auto`")
+    assert layout.strip() == f"{c.processes_per_node} processes × {azjob.omp_threads(cfg)} threads"
+
+
+@pytest.mark.parametrize("option", sorted(AZURE_OPTIONS))
+def test_missing_cluster_is_created_with_the_options_vm_size(option):
+    """The cluster nlpwf creates on first use (submit.ensure_cluster) is of the option's VM size."""
+    from azure.ai.ml.entities import AmlCompute
+    from azure.core.exceptions import ResourceNotFoundError
+    from omegaconf import OmegaConf
+
+    from nlpwf.azureml import submit
+
+    created = []
+
+    class Computes:
+        def get(self, name):
+            raise ResourceNotFoundError(f"no compute {name}")
+
+        def begin_create_or_update(self, compute):
+            created.append(compute)
+            return type("Poller", (), {"result": lambda self: compute})()
+
+    cfg = compose(f"compute={option}", "nodes=2")
+    submit.ensure_cluster(type("Client", (), {"compute": Computes()})(),
+                          OmegaConf.to_container(cfg.compute.cluster), cfg.compute.vm_size, cfg.nodes)
+    [cluster] = created
+    assert isinstance(cluster, AmlCompute)
+    assert (cluster.name, cluster.size) == (cfg.compute.cluster.name, AZURE_OPTIONS[option])
+    assert (cluster.min_instances, cluster.max_instances) == (0, 4)
+
+
+def test_dry_run_on_the_amd_size(tmp_path):
+    """`python -m nlpwf compute=d32as_v6 nodes=2 precision=bf16 hydra.launcher.dry_run=true`: the
+    job goes to the Genoa cluster, 2 processes per node with 8 OpenMP threads each (16 cores / 2),
+    and the config it ships names the VM size the cluster is created with."""
+    from azure.ai.ml import load_job
+
+    from conftest import run_cli
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "subscription_id": "11111111-2222-3333-4444-555555555555", "resource_group": "rg", "workspace_name": "ws"}))
+    sweep = tmp_path / "sweep"
+    r = run_cli("compute=d32as_v6", "nodes=2", "precision=bf16", "hydra.launcher.dry_run=true",
+                f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job_dir = Path(sweep, "0")
+    job = load_job(job_dir / "azureml" / "job.yaml")
+    assert job.compute == "cpu-d32as-v6" and job.resources.instance_count == 2
+    assert job.distribution.process_count_per_instance == 2
+    assert job.environment_variables["OMP_NUM_THREADS"] == "8"
+    assert job._validate().passed
+    resolved = (job_dir / "azureml" / "snapshot" / "nlpwf_job.yaml").read_text()
+    assert "vm_size: Standard_D32as_v6" in resolved and "precision:\n  name: bf16" in resolved

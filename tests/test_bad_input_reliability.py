@@ -149,7 +149,7 @@ def test_wrong_value_for_a_numeric_field(override, message):
 def test_misspelled_new_training_field_gets_a_suggestion(tmp_path):
     with pytest.raises(UserError, match=r"training\.learing_rate is not a TrainingArguments field .*"
                                          r"did you mean training\.learning_rate\?"):
-        training_arguments(compose(*TINY, "+training.learing_rate=3e-5"), tmp_path, [])
+        training_arguments(compose(*TINY, "+training.learing_rate=3e-5"), tmp_path, [], "fp32")
 
 
 def test_data_dir_that_is_a_file(tmp_path):

@@ -6,17 +6,7 @@ import time
 
 import pytest
 
-from conftest import TINY, pairs, run_cli, write_glue
-
-
-def assert_one_line_error(proc, *fragments: str) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr + proc.stdout
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("nlpwf: error:")]
-    assert len(errors) == 1, proc.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
+from conftest import TINY, assert_one_line_error, pairs, run_cli, write_glue
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ def test_option_composes_and_resolves(group, option):
 
 def test_default_is_the_offline_quickstart():
     cfg = compose()
-    assert (cfg.model.name, cfg.dataset.name, cfg.precision.name, cfg.compute.name) == ("minilm_l6", "paraphrase_sample", "fp32", "local")
+    assert (cfg.model.name, cfg.dataset.name, cfg.precision.name, cfg.compute.name) == ("minilm_l6", "paraphrase_sample", "auto", "local")
     assert cfg.model.source.startswith("package:")
     assert cfg.stage.name == "train" and cfg.nodes == 1
 
@@ -105,13 +105,15 @@ def test_presets_list_only_what_they_change(preset):
         assert OmegaConf.select(with_preset, key) == value
 
 
-def test_d32s_v6_is_d32_v5_on_another_vm_and_cluster():
-    v5, v6 = compose("compute=d32_v5").compute, compose("compute=d32s_v6").compute
-    assert (v6.vm_size, v6.cluster.name) == ("Standard_D32s_v6", "cpu-d32s-v6")
+@pytest.mark.parametrize("option, vm_size, cluster", [("d32s_v6", "Standard_D32s_v6", "cpu-d32s-v6"),
+                                                     ("d32as_v6", "Standard_D32as_v6", "cpu-d32as-v6")])
+def test_v6_sizes_are_d32_v5_on_another_vm_and_cluster(option, vm_size, cluster):
+    v5, v6 = compose("compute=d32_v5").compute, compose(f"compute={option}").compute
+    assert (v6.vm_size, v6.cluster.name) == (vm_size, cluster)
     same = ("vcpus", "cores", "memory_gb", "processes_per_node", "threads_per_process")
     assert [v6[k] for k in same] == [v5[k] for k in same]
     assert {k: v for k, v in v6.cluster.items() if k != "name"} == {k: v for k, v in v5.cluster.items() if k != "name"}
-    hydra_cfg = compose("compute=d32s_v6", return_hydra_config=True).hydra
+    hydra_cfg = compose(f"compute={option}", return_hydra_config=True).hydra
     assert hydra_cfg.launcher._target_.endswith("NlpwfAzureMLLauncher") and str(hydra_cfg.mode) == "RunMode.MULTIRUN"
 
 

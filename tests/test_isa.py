@@ -76,3 +76,27 @@ def test_ranks_agree_on_the_least_capable_node(natives, expected):
     for p in procs:
         p.join(timeout=60)
     assert answers == {0: expected, 1: expected}
+
+
+def test_emulated_bf16_gets_one_warning_line_with_the_measured_slowdown(caplog):
+    ice_lake = isa.from_cpuinfo(ICE_LAKE)
+    with caplog.at_level("WARNING", logger=isa.__name__):
+        isa.warn_if_emulated("bf16", ice_lake)
+        isa.warn_if_emulated("fp32", ice_lake)  # fp32 is never emulated
+        isa.warn_if_emulated("bf16", isa.from_cpuinfo(SAPPHIRE_RAPIDS))  # native: nothing to say
+    [record] = caplog.records
+    line = record.getMessage()
+    assert "\n" not in line and "Intel(R) Xeon(R) Platinum 8370C" in line and "precision=auto" in line
+    slowdown = float(line.split("measured ")[1].split("x the time")[0])
+    assert slowdown > 0
+
+
+def test_resolve_outside_a_group_follows_this_cpu(caplog):
+    native = isa.detect().native_bf16
+    with caplog.at_level("INFO", logger=isa.__name__):
+        assert isa.resolve("auto") == ("bf16" if native else "fp32")
+    assert any("precision=auto runs in" in r.getMessage() and isa.detect().cpu in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    assert isa.resolve("fp32", announce=False) == "fp32" and not caplog.records
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        isa.resolve("fp8")

@@ -18,7 +18,7 @@ from nlpwf.errors import UserError
 from nlpwf.results import metrics, summary
 from nlpwf.training.trainer import check_objective
 
-from conftest import compose, pairs, run_cli
+from conftest import assert_one_line_error, compose, pairs, run_cli
 
 # ---- data in each task's published layout, written by the tests ------------------------------
 
@@ -376,15 +376,6 @@ def test_bad_input_cases_name_the_problem_and_the_fix(tmp_path):
     fails(tmp_path / "missing.csv", good, match="is not a file")
     unlabelled = write_table(tmp_path / "nolabel.csv", [{"review": "x", "label": ""}, {"review": "y", "label": "good"}])
     fails(unlabelled, good, "dataset.text_columns=[review]", match=r"row 1 has no label")
-
-
-def assert_one_line_error(proc, *fragments: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr + proc.stdout
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("nlpwf: error:")]
-    assert len(errors) == 1, proc.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 FAST = ["model=tiny_bert", "training.num_train_epochs=1", "training.disable_tqdm=true"]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from nlpwf.runtime import threads
+from nlpwf.runtime import isa, threads
 
 from conftest import TINY, run_cli
 
@@ -43,7 +43,11 @@ def test_job_dir_holds_every_output(minilm_job):
     for key in ("eval_accuracy", "eval_f1", "eval_loss", "train_loss", "train_runtime", "train_samples_per_second",
                 "world_size", "precision"):
         assert key in metrics, key
-    assert metrics["world_size"] == 1 and metrics["precision"] == "fp32" and metrics["model"] == "minilm_l6"
+    assert metrics["world_size"] == 1 and metrics["model"] == "minilm_l6"
+    # precision=auto (the default) ran in what this CPU computes natively, and says so.
+    assert metrics["precision_option"] == "auto"
+    assert metrics["precision"] == ("bf16" if isa.detect().native_bf16 else "fp32")
+    assert metrics["isa"]["native_bf16"] == isa.detect().native_bf16 and metrics["cpus"] == [isa.detect().summary()]
     assert (job / ".hydra" / "config.yaml").is_file() and (job / ".hydra" / "overrides.yaml").is_file()
     assert "eval_accuracy" in (job / "nlpwf.log").read_text()
     assert not [p for p in job.iterdir() if p.name.startswith(".model")]  # no staging leftovers
@@ -85,4 +89,8 @@ def test_bf16_run_records_its_precision(tmp_path):
     job = tmp_path / "bf16"
     proc = run_cli(*TINY, "precision=bf16", f"hydra.run.dir={job}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((job / "metrics.json").read_text())["precision"] == "bf16"
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert (metrics["precision"], metrics["precision_option"]) == ("bf16", "bf16")
+    # Asked for explicitly, bf16 runs anyway; only where it is emulated does a warning say so.
+    warned = "precision=auto picks what this CPU computes natively" in proc.stdout + proc.stderr
+    assert warned == (not isa.detect().native_bf16)

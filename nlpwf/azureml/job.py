@@ -116,7 +116,7 @@ def cluster_of(cfg: DictConfig, settings: DictConfig) -> dict:
         cluster = OmegaConf.select(cfg, "compute.cluster", default=None)
         if cluster is None or not cluster.get("name"):
             raise UserError(f"compute={cfg.compute.name} names no Azure ML cluster: choose an Azure option "
-                            "(compute=d32_v5 or compute=d32s_v6) or set compute.cluster.name")
+                            "(compute=d32_v5, d32s_v6 or d32as_v6) or set compute.cluster.name")
         return OmegaConf.to_container(cluster, resolve=True)
     if not settings.get("cluster"):
         raise UserError("the job's config names no Azure ML cluster (it has no compute.cluster.name): "

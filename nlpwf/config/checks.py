@@ -17,7 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from nlpwf.errors import UserError
 
-PRECISIONS = ("fp32", "bf16")
+# The `precision` options (conf/precision/): auto is decided per node by nlpwf.runtime.isa.
+PRECISIONS = ("auto", "fp32", "bf16")
+
 
 # nlpwf's own numeric keys (TrainingArguments fields are checked from their annotations).
 # key: (type, may be null, an example for the message)
@@ -139,4 +141,4 @@ def check_job(cfg: DictConfig) -> None:
                         f"model's special tokens: use 64 to 512")
     dataset_keys(cfg.dataset)
     if cfg.precision.name not in PRECISIONS:
-        raise UserError(f"precision={cfg.precision.name} is not supported: use precision=fp32 or precision=bf16")
+        raise UserError(f"precision={cfg.precision.name} is not supported: use precision=auto (the default), fp32 or bf16")

@@ -22,10 +22,11 @@ KNOWN = ".csv, .tsv, .jsonl (or .json) or .parquet"
 csv.field_size_limit(16 * 1024 * 1024)
 
 
-def file_format(path: Path) -> str:
-    fmt = FORMATS.get(Path(path).suffix.lower())
+def file_format(path: Path, formats: dict[str, str] = FORMATS, known: str = KNOWN) -> str:
+    """The file's format by extension, out of `formats` (the serving stages read fewer)."""
+    fmt = formats.get(Path(path).suffix.lower())
     if fmt is None:
-        raise UserError(f"{path}: nlpwf cannot read a {Path(path).suffix or 'extensionless'!r} file: use a {KNOWN} file")
+        raise UserError(f"{path}: nlpwf cannot read a {Path(path).suffix or 'extensionless'!r} file: use a {known} file")
     return fmt
 
 

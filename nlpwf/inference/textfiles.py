@@ -13,26 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from nlpwf.data import glue
+from nlpwf.data import files, glue
 from nlpwf.data.tasks import Task
 from nlpwf.errors import UserError
 from nlpwf.results.files import AtomicFile
 
+# Streamed row by row, so only the line-oriented formats (training reads Parquet and JSON too).
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl"}
+KNOWN = ".tsv, .csv or .jsonl"
 # Column names tried, after the model's own, when none is configured: nlpwf's, then GLUE's.
 PAIR = (("sentence1", "#1 String"), ("sentence2", "#2 String"))
 SINGLE = (("sentence", "text"),)
 LABELS = ("label", "Quality")
 
-# A CSV field may be long (a paragraph); the csv module's default cap is 128 KiB.
-csv.field_size_limit(16 * 1024 * 1024)
-
 
 def file_format(path: Path) -> str:
-    fmt = FORMATS.get(Path(path).suffix.lower())
-    if fmt is None:
-        raise UserError(f"{path}: unknown file type {Path(path).suffix or '(none)'!r}: use a .tsv, .csv or .jsonl file")
-    return fmt
+    return files.file_format(path, FORMATS, KNOWN)
 
 
 def text_candidates(task: Task, configured: Sequence[str] | None) -> list[list[str]]:

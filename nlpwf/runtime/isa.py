@@ -17,11 +17,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nlpwf.config.checks import PRECISIONS
 from nlpwf.runtime import collective
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -121,6 +120,23 @@ def bf16_slowdown(size: int = 512, reps: int = 5) -> float:
             best = min(best, time.perf_counter() - start)
         timings[dtype] = best
     return timings[torch.bfloat16] / timings[torch.float32]
+
+
+def resolve(requested: str, announce: bool = True) -> str:
+    """The precision this process runs in, for the `precision` option `requested`. In a process
+    group every rank must call it (`auto` is agreed collectively). `announce`: log the CPU and
+    the choice, and warn about emulated bf16 (one process per node does, not every rank)."""
+    found = detect()
+    native = agree(found.native_bf16) if requested == "auto" else found.native_bf16
+    chosen = choose(requested, native)
+    if announce:
+        why = ""
+        if requested == "auto":
+            why = " (native bf16)" if native else (" (no native bf16 on this CPU)" if not found.native_bf16
+                                                   else " (a node of this job has no native bf16)")
+        log.info("CPU %s; precision=%s runs in %s%s", found.summary(), requested, chosen, why)
+        warn_if_emulated(chosen, found)
+    return chosen
 
 
 def warn_if_emulated(chosen: str, isa: Isa) -> None:

@@ -27,7 +27,7 @@ from nlpwf.data.tokenize import tokenize
 from nlpwf.errors import Interrupted
 from nlpwf.inference.classifier import Classifier, SequenceLogits
 from nlpwf.results import files, metrics, plots
-from nlpwf.runtime import collective, contract, jobfile, threads, workers
+from nlpwf.runtime import collective, contract, isa, jobfile, threads, workers
 from nlpwf.runtime.peers import peer_loss
 from nlpwf.stages import predict
 from nlpwf.training import checkpoints, cpu, recorder, tracking
@@ -91,6 +91,9 @@ def train(cfg: DictConfig, job_dir: Path, callbacks: list[TrainerCallback] = ())
                                         or threads.threads_per_process(cfg.compute.threads_per_process, local_world)))
     tuning = cpu.setup_process(cfg.get("perf"), rank, local_world, n_threads)
     backend = collective.init_process_group(rank, cfg.training.ddp_timeout) if rank.world_size > 1 else None
+    # On the nodes that run the job, and the same on every rank (auto follows the least capable node).
+    precision = isa.resolve(cfg.precision.name, announce=rank.local_rank == 0)
+    cpus = sorted(set(collective.gather(isa.detect().summary())))
 
     check_job(cfg)
     check_model_limits(cfg)
@@ -99,7 +102,7 @@ def train(cfg: DictConfig, job_dir: Path, callbacks: list[TrainerCallback] = ())
     tokenizer = models.load_tokenizer(cfg.model)
     encoded = tokenize(splits, tokenizer, cfg.dataset.max_seq_length, cfg.dataset.pad_to_max_length)
 
-    args = training_arguments(cfg, job_dir, tracking.report_to(cfg.logger))
+    args = training_arguments(cfg, job_dir, tracking.report_to(cfg.logger), precision)
     set_seed(args.seed)  # before the model, so a random-init or a new classifier head is reproducible
     trainer, sigterm = build(cfg, args, encoded, tokenizer, task, callbacks)
     checkpoint_dir = Path(args.output_dir)
@@ -108,7 +111,7 @@ def train(cfg: DictConfig, job_dir: Path, callbacks: list[TrainerCallback] = ())
     record = recorder.attach(trainer, cfg.get("perf"), tuning, bf16=args.bf16)
     log.info("training %s on %s (%s): %d train / %d eval examples, world size %d, %s, %d thread(s) per process",
              cfg.model.name, cfg.dataset.name, describe(task), len(encoded["train"]), len(encoded["eval"]), rank.world_size,
-             cfg.precision.name, n_threads)
+             precision, n_threads)
     # A lost rank: one line, not a gloo stack.
     with peer_loss(rank, lambda: checkpoints.resume_hint(checkpoint_dir, job_dir)):
         train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
@@ -127,14 +130,15 @@ def train(cfg: DictConfig, job_dir: Path, callbacks: list[TrainerCallback] = ())
     result = {
         **train_metrics, **eval_metrics,
         "world_size": rank.world_size, "nodes": cfg.nodes, "processes_per_node": cfg.compute.processes_per_node,
-        "threads_per_process": n_threads, "backend": backend or "none", "precision": cfg.precision.name,
+        "threads_per_process": n_threads, "backend": backend or "none", "precision": precision,
+        "precision_option": cfg.precision.name, "isa": isa.detect().as_dict(), "cpus": cpus,
         "model": cfg.model.name, "dataset": cfg.dataset.name, "eval_split": cfg.dataset.eval_split,
         "task": task.name, "problem_type": task.problem_type, "labels": list(task.labels) or ["score"],
         "objective": cfg.objective, "train_pairs": len(encoded["train"]), "eval_pairs": len(encoded["eval"]),
         "parameter_digests": digests, **record.report(),
     }
     if test_file(cfg.dataset) is not None:
-        result["test_predictions"] = str(predict_test_file(cfg, trainer.model, tokenizer, task, job_dir))
+        result["test_predictions"] = str(predict_test_file(cfg, trainer.model, tokenizer, task, job_dir, precision))
     publish(result, trainer, staged, job_dir, tracker)
     splits = ["eval"] + [name for name in encoded if name.startswith("eval_")]  # and eval_mismatched (MNLI)
     shown = [f"{split}_{name}" for split in splits for name in metrics.names(task.name, task.num_labels)]
@@ -147,9 +151,9 @@ def describe(task: Task) -> str:
     return f"{texts} -> score" if task.regression else f"{texts} -> {len(task.labels)} classes"
 
 
-def predict_test_file(cfg: DictConfig, model, tokenizer, task: Task, job_dir: Path) -> Path:
+def predict_test_file(cfg: DictConfig, model, tokenizer, task: Task, job_dir: Path, precision: str) -> Path:
     """dataset.test_file with the trained model's predictions, as stage=predict writes them."""
-    classifier = Classifier(SequenceLogits(model).eval(), tokenizer, cfg.dataset.max_seq_length, cfg.precision.name, task=task)
+    classifier = Classifier(SequenceLogits(model).eval(), tokenizer, cfg.dataset.max_seq_length, precision, task=task)
     path = test_file(cfg.dataset)
     target = Path(job_dir) / f"test_predictions{path.suffix.lower()}"
     with predict.open_input(path, task, None, chunk_rows=4096) as reader:

@@ -36,14 +36,15 @@ def check_model_limits(cfg: DictConfig) -> None:
         )
 
 
-def training_arguments(cfg: DictConfig, job_dir: Path, report_to: list[str]) -> TrainingArguments:
+def training_arguments(cfg: DictConfig, job_dir: Path, report_to: list[str], precision: str) -> TrainingArguments:
+    """`precision`: fp32 or bf16, as resolved for this node (runtime.isa.resolve), never auto."""
     kwargs = OmegaConf.to_container(cfg.training, resolve=True)
     kwargs.pop("resume", None)  # nlpwf's own key (checkpoints.resume_point)
     kwargs.update(
         output_dir=str(checkpoints.folder_of(cfg, job_dir)),
         save_total_limit=None,  # nlpwf rotates, counting complete checkpoints only (checkpoints.py)
         use_cpu=True,
-        bf16=cfg.precision.name == "bf16",
+        bf16=precision == "bf16",
         report_to=report_to,
     )
     if kwargs.get("enable_jit_checkpoint"):
