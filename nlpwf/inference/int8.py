@@ -7,7 +7,8 @@ Backends:
   data; uncalibrated, the observers keep their initial values and the model outputs a constant.
   `calibrate` therefore refuses to hand on a model whose observers saw nothing.
 - `torch_dynamic`: PyTorch's own dynamic INT8 of every nn.Linear (fbgemm/x86 kernels), which
-  needs no graph capture and, on CPUs without AMX, is often the fastest.
+  needs no graph capture or calibration.
+- `auto` (stage=quantize only): one of the above, chosen for this CPU by `choose_backend`.
 
 A quantized folder holds the model's config.json and tokenizer (so it serves like a model/
 folder), `nlpwf_quantized.json` (the backend and where the model came from) and the weights
@@ -26,10 +27,12 @@ import torch
 from nlpwf import models
 from nlpwf.errors import UserError
 from nlpwf.inference.classifier import SequenceLogits
+from nlpwf.runtime.isa import Isa
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("inc_static", "inc_dynamic", "torch_dynamic")
+AUTO = "auto"
 MANIFEST = models.QUANTIZED_MANIFEST
 TORCH_WEIGHTS = "quantized_state_dict.pt"
 INC_DIR = "inc"
@@ -37,9 +40,38 @@ INC_DIR = "inc"
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise UserError(f"INT8 backend {backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+def check_backend(backend: str, auto: bool = False) -> None:
+    """`auto` is a choice a stage resolves before quantizing (`choose_backend`), not a backend:
+    accepted only where `auto=True`."""
+    known = ((AUTO,) if auto else ()) + BACKENDS
+    if backend not in known:
+        raise UserError(f"INT8 backend {backend!r} is unknown: use one of {', '.join(known)}")
+
+
+def choose_backend(isa: Isa) -> tuple[str, str]:
+    """The INT8 backend `auto` means on a CPU with this ISA, and why (one line for the log).
+
+    - AMX-INT8, AVX512-VNNI or AVX-VNNI: `inc_static`. INC's static graph, compiled by inductor,
+      runs its matmuls as oneDNN INT8 kernels built on the dot-product instructions (VPDPBUSD,
+      or AMX tiles), with activation scales fixed at calibration, so nothing is quantized per
+      call. Measured on AMD EPYC (Zen 4: AVX512-VNNI, AVX512-BF16, no AMX), MiniLM-L6, pairs
+      padded to 128, stage=benchmark (docs/serving.md, "Which INT8 backend"): at 1 thread under
+      load from other work, inc_static 2.89x fp32 at batch 1 and 3.05x at batch 16,
+      torch_dynamic 2.46x / 2.63x, inc_dynamic 1.01x / 0.97x; on the quiet machine at 2 threads
+      (benchmarks/results/quantize.md) 3.37x / 3.96x against 2.54x / 3.02x, and inc_static was
+      the one INT8 backend within 1 point of fp32's MRPC accuracy.
+    - None of them (AVX2 or plain AVX-512): `torch_dynamic`, with a warning. Without VNNI an
+      INT8 dot product takes VPMADDUBSW + VPMADDWD, whose 16-bit intermediate saturates on full-
+      range u8 x s8 inputs (oneDNN's "Nuances of int8 computations"); PyTorch's dynamic Linear
+      quantizes activations to 7 bits (reduce_range) for exactly that reason, while INC's static
+      graph uses the full range. Untested here (this CPU has VNNI): there INT8 may not beat fp32
+      at all, and stage=benchmark on that machine settles it.
+    """
+    if isa.amx_int8 or isa.avx512_vnni or isa.avx_vnni:
+        found = "AMX-INT8" if isa.amx_int8 else "AVX512-VNNI" if isa.avx512_vnni else "AVX-VNNI"
+        return "inc_static", f"{found} present: INT8 matmuls run on dot-product instructions, where INC static INT8 was fastest"
+    return "torch_dynamic", ("no VNNI or AMX-INT8: INT8 dot products are emulated, where PyTorch's 7-bit dynamic INT8 "
+                             "cannot saturate; INT8 may not beat fp32 here, run stage=benchmark on this machine to check")
 
 
 # ---------------------------------------------------------------- Neural Compressor (PT2E)

@@ -5,11 +5,15 @@ calibration), then timed on the same real pairs. The machine is shared and its l
 so backends take turns: each round times every backend at every batch size, the order
 rotating from round to round, and the table reports medians over all rounds. Ratios between
 backends of one run are meaningful; absolute numbers depend on what else the machine ran.
+
+The report names the CPU and its ISA (VNNI, AMX, AVX512-BF16: what decides which backend is
+fast) and, from the measured rows, the INT8 backend fastest on this machine at each batch size
+and the one to use here (`recommended_int8_backend`, see `recommend`): measured, not assumed.
 """
 from __future__ import annotations
 
 import logging
-import platform
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -27,6 +31,7 @@ from nlpwf.inference import int8
 from nlpwf.inference.classifier import Classifier, tensors
 from nlpwf.inference.load import load_fp32, saved_task
 from nlpwf.results import files, metrics
+from nlpwf.runtime import isa
 from nlpwf.stages.evaluate import examples_of, score
 from nlpwf.stages.quantize import calibration_batches
 from nlpwf.stages.serving import serving_threads
@@ -54,6 +59,8 @@ def check(stage: DictConfig) -> None:
     for key in ("rounds", "calls_per_round"):
         if stage[key] < 1:
             raise UserError(f"stage.{key}={stage[key]}: use 1 or more")
+    if not 0 <= stage.get("tolerance", 1.0) <= 100:
+        raise UserError(f"stage.tolerance={stage.tolerance}: give the points of the task's metric INT8 may lose, e.g. 1.0")
     if stage.seq_length is not None and stage.seq_length < 8:
         raise UserError(f"stage.seq_length={stage.seq_length}: use 8 to 512, or null for each batch's own longest pair")
 
@@ -127,8 +134,13 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
     metric = metrics.main_metric(task.name, task.num_labels)
     scored = {v.name: score(v.classifier, *examples, stage.batch_size)[f"eval_{metric}"] for v in variants} if stage.accuracy else {}
     rows = table_rows(variants, scored, metric)
+    cpu = isa.detect()
     result = {"rows": rows, "threads": threads, "machine": machine(), "date": now(), "model": str(source),
-              "metric": metric, "eval_pairs": len(examples[1]), "stage": OmegaConf.to_container(stage, resolve=True)}
+              "isa": cpu.as_dict(), "isa_summary": cpu.summary(),
+              "metric": metric, "eval_pairs": len(examples[1]), "stage": OmegaConf.to_container(stage, resolve=True),
+              **recommend(rows, metric, stage.get("tolerance", 1.0))}
+    if result["recommended_int8_backend"]:
+        log.info("fastest INT8 backend here: %s (%s)", result["recommended_int8_backend"], cpu.summary())
     markdown = render(result)
     (Path(job_dir) / TABLE_FILE).write_text(markdown)
     files.write_json(Path(job_dir) / files.METRICS_FILE, result)
@@ -151,6 +163,64 @@ def table_rows(variants: list[Variant], scored: dict[str, float], metric: str = 
                 row[metric] = round(scored[v.name], 4)
             rows.append(row)
     return rows
+
+
+def recommend(rows: list[dict], metric: str = "accuracy", tolerance: float = 1.0) -> dict:
+    """From measured rows: the fastest INT8 backend at each batch size, and the one INT8 backend
+    to use on this machine (`recommended_int8_backend`). INT8 backends that lost more than
+    `tolerance` points of the metric against fp32 (when both were scored) are left out, as
+    stage=quantize would refuse them; among the rest, the recommendation is the backend fastest
+    at every batch size if there is one, else the one whose median times are closest to the
+    fastest (least geometric mean of its time over the fastest's, across batch sizes)."""
+    fp32_score = next((r[metric] for r in rows if r["backend"] == "fp32" and metric in r), None)
+    excluded = {}
+    for r in rows:
+        if r["backend"] in int8.BACKENDS and fp32_score is not None and metric in r:
+            loss = round(100 * (fp32_score - r[metric]), 4)
+            if loss > tolerance:
+                excluded[r["backend"]] = loss
+    candidates = [r for r in rows if r["backend"] in int8.BACKENDS and r["backend"] not in excluded]
+    fastest = {}
+    for r in candidates:
+        best = fastest.get(r["batch_size"])
+        if best is None or r["median_ms"] < best["median_ms"]:
+            fastest[r["batch_size"]] = r
+    ratios: dict[str, list[float]] = {}
+    for r in candidates:
+        ratios.setdefault(r["backend"], []).append(r["median_ms"] / fastest[r["batch_size"]]["median_ms"])
+    # A backend measured at every batch size (all are, within one run) with the least geometric
+    # mean ratio: 1.0 exactly when it is the fastest at each of them.
+    slowdown = {b: math.fsum(math.log(x) for x in v) / len(v) for b, v in ratios.items() if len(v) == len(fastest)}
+    recommended = min(slowdown, key=lambda b: (slowdown[b], b), default=None)
+    per_batch = [{key: r[key] for key in ("batch_size", "backend", "median_ms", "pairs_per_second", "speedup_vs_fp32") if key in r}
+                 for _, r in sorted(fastest.items())]
+    return {"recommended_int8_backend": recommended, "fastest_int8": per_batch, "int8_excluded": excluded}
+
+
+def recommendation_lines(result: dict) -> list[str]:
+    """The report's sentences on INT8 for this machine."""
+    lines = []
+    metric = result.get("metric", "accuracy")
+    tolerance = result["stage"].get("tolerance", 1.0)
+    for backend, loss in sorted(result.get("int8_excluded", {}).items()):
+        lines.append(f"{backend} is not considered: it lost {loss:.2f} points of {metric} against fp32 "
+                     f"(more than stage.tolerance={tolerance}).")
+    for best in result.get("fastest_int8", []):
+        speed = f"{best['speedup_vs_fp32']:.2f}× fp32" if "speedup_vs_fp32" in best else f"{best['median_ms']:.2f} ms"
+        line = f"Fastest INT8 backend here: {best['backend']}, {speed} at batch {best['batch_size']}"
+        faster = [r["backend"] for r in result["rows"] if r["batch_size"] == best["batch_size"]
+                  and r["backend"] in FLOAT_BACKENDS and r["median_ms"] < best["median_ms"]]
+        lines.append(line + (f" ({' and '.join(faster)} faster still)." if faster else "."))
+    uncompiled = [b for b in ("inc_static", "inc_dynamic") if b in result["stage"].get("backends", [])]
+    if uncompiled and not result["stage"].get("compile", True):
+        lines.append(f"{' and '.join(uncompiled)} ran uncompiled (stage.compile=false): their quantize/dequantize graphs "
+                     "run in fp32, so these numbers understate them.")
+    recommended = result.get("recommended_int8_backend")
+    if recommended:
+        lines.append(f"INT8 backend to use on this machine: {recommended} (stage=quantize stage.backend={recommended}).")
+    elif any(r["backend"] in int8.BACKENDS for r in result["rows"]):
+        lines.append("No INT8 backend measured here is within stage.tolerance: serve fp32 or bf16.")
+    return lines
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -177,19 +247,13 @@ def render(result: dict) -> str:
             f"{stage['calls_per_round']} calls per backend and batch size, alternating; inputs: real pairs, "
             f"{'padded to ' + str(stage['seq_length']) if stage['seq_length'] else 'each batch padded to its longest pair'}"
             + (f"; {metric} on {result['eval_pairs']} eval examples." if has_acc else "."))
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    cpu = f"CPU: {result['isa_summary']}." if "isa_summary" in result else ""
+    advice = recommendation_lines(result)
+    return "\n".join(lines) + "\n\n" + note + "\n" + (f"\n{cpu}\n" if cpu else "") + ("\n" + "\n".join(advice) + "\n" if advice else "")
 
 
 def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return f"{isa.detect().cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def now() -> str:
