@@ -555,7 +555,8 @@ def test_files_pair_regression_from_jsonl_then_evaluate_predict_quantize(tmp_pat
     train = write_table(tmp_path / "train.jsonl", similarity(64))
     dev = write_table(tmp_path / "dev.jsonl", similarity(16, start=200))
     data = ["dataset=files", f"dataset.train_file={train}", f"dataset.eval_file={dev}", "dataset.text_columns=[first,second]",
-            "dataset.label_column=sim", "dataset.objective=eval_spearmanr"]
+            "dataset.label_column=sim", "dataset.objective=eval_spearmanr",
+            "precision=fp32"]  # quantize's baseline is the fp32 model: train and evaluate in fp32 to compare with it
     job, m = train_job(tmp_path, *data)
     assert {"eval_spearmanr", "eval_pearson", "eval_mse"} <= set(m) and "eval_accuracy" not in m
     assert m["problem_type"] == "regression" and m["labels"] == ["score"]
