@@ -306,9 +306,16 @@ def prepare(sweep_config: DictConfig, task_cfg: DictConfig, job_dir: Path, setti
         spec.checkpoints = checkpoints_uri(spec.name, settings)
     job = command_job(spec, sweep_config, settings, hydra_cfg, code=str(snap), environment=environment(settings))
     _quiet_sdk()
-    job.dump(str(spec.job_yaml))
-    keep_local_paths(spec.job_yaml, spec.inputs)
-    load(spec.job_yaml)  # the SDK's own client-side validation, on exactly what will be sent
+    # Written under a hidden name and renamed when complete and valid: a job.yaml that exists is
+    # whole (the emulator, a resubmission or a person may read it while the launcher runs).
+    staged = spec.job_yaml.with_name(f".{JOB_YAML}")
+    try:
+        job.dump(str(staged))
+        keep_local_paths(staged, spec.inputs)
+        load(staged)  # the SDK's own client-side validation, on exactly what will be sent
+        staged.replace(spec.job_yaml)
+    finally:
+        staged.unlink(missing_ok=True)
     log.info("Azure ML job %s: %d node(s) x %d process(es) on cluster %s, task %s%s, spec %s",
              spec.name, nodes, procs, spec.cluster["name"], packed.task_name,
              " (by value)" if packed.by_value else "", spec.job_yaml)
