@@ -342,7 +342,7 @@ def measure_throughput(args, tmp: Path, peaks: dict) -> dict:
         budget, turn = args.throughput_s * (2 if big else 1), args.turn_s * (2 if big else 1)
         # bert-base: the seed's own 8 pairs per process, so that its slow steps still fit many turns
         batch = {"seed": ["training.per_device_train_batch_size=8"]} if big else {}
-        names = THROUGHPUT_VARIANTS[model]
+        names = [v for v in THROUGHPUT_VARIANTS[model] if not args.variants or v in args.variants.split(",")]
         specs = {v: {"overrides": VARIANTS[v] + MODEL_ARGS[model] + COMMON + batch.get(v, []) + [
                     f"dataset.data_dir={args.data}", "training.num_train_epochs=100", "training.eval_strategy=no",
                     "dataset.max_eval_samples=8"],
@@ -529,15 +529,16 @@ def render_markdown(res: dict) -> str:
              "| unpad | allocator |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for model, variants in res.get("throughput", {}).items():
-        base = variants["seed"]["samples_per_s"]
+        base = variants["seed"]["samples_per_s"] if "seed" in variants else None  # --variants may leave it out
         for name, s in variants.items():
             peak = peaks[DTYPE[name]]
             cv = f"{s['turn_rate_cv']:.0%}" if s["turn_rate_cv"] is not None else "-"
             plain = variants.get(f"plain-{DTYPE[name]}")
             vs_plain = f"{s['samples_per_s'] / plain['samples_per_s']:.2f}" if plain else "-"
+            vs_seed = f"{s['samples_per_s'] / base:.2f}" if base else "-"
             unpadded = str(s.get("unpad") or "-").startswith("on")
             hfu = (s["model_flops_per_s"] if unpadded else s["hardware_flops_per_s"]) / peak
-            lines.append(f"| {model} | {name} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {s['samples_per_s'] / base:.2f} | "
+            lines.append(f"| {model} | {name} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {vs_seed} | "
                          f"{vs_plain} | {s['mean_padded_length']:.0f} | {s['model_flops_per_s'] / 1e9:.0f} | "
                          f"{s['model_flops_per_s'] / peak:.1%} | {hfu:.1%} | {cv} | {s.get('unpad') or '-'} | {s['allocator']} |")
     for model, variants in res.get("throughput", {}).items():
@@ -680,6 +681,7 @@ def parse_args(argv=None):
     p.add_argument("--render", type=Path, help="only re-render the report from a train_speed.json")
     p.add_argument("--threads", type=int, default=None, help="threads per variant (default: all cores)")
     p.add_argument("--models", default=",".join(ARCH), help="models for the throughput and all-reduce sections")
+    p.add_argument("--variants", help="throughput variants to run (default: all of the model's), e.g. plain-fp32,fast-fp32")
     p.add_argument("--throughput-s", type=float, dest="throughput_s_cli",
                    help="own seconds per variant in the throughput section (bert-base: twice)")
     a = p.parse_args(argv)

@@ -1,0 +1,188 @@
+"""Where a training step's time goes: MiniLM-L6 on MRPC, the padded model (transformers' own
+forward, as the plain Trainer runs it) against nlpwf's unpadded one, by kind of work.
+
+    python benchmarks/step_profile.py                   # fp32 and bf16, about 5 minutes on 2 cores
+    python benchmarks/step_profile.py --dtypes fp32 --batches 8 --rounds 2
+
+Both models start from the same weights and train on the same batches (MRPC train, batch 16, in
+the Trainer's random order, dynamic padding), one optimizer step each in turn: autocast for bf16,
+backward, gradient clipping at 1.0, fused AdamW, as Trainer does. Wall time per batch is the best
+of `--rounds` rounds (the machine is shared). Then one profiled round per model gives each kind
+of work's share of the step: the matmuls (dense layers and attention), drawing the dropout masks
+(`bernoulli_`: torch's CPU generator is one serial stream, so this runs on one core whatever the
+thread count, and both models draw the same masks), the optimizer and clipping, and the rest.
+
+The bound: if unpadding removed the padding from everything but the mask draws, the unpadded
+step would take R + (T - R) x real/padded tokens, for a padded step of T with R spent drawing
+masks. `measured / bound` says how much of what unpadding could give it gets. Writes
+results/step_profile.md and results/step_profile.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mrpc"
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Kinds of work, by the op that does it (the profiler's self time of each op).
+KINDS = {"aten::mm": "matmuls", "aten::addmm": "matmuls", "aten::bmm": "matmuls",
+         "aten::bernoulli_": "dropout masks", "aten::_fused_adamw_": "optimizer and clipping",
+         "aten::linalg_vector_norm": "optimizer and clipping"}
+ORDER = ["matmuls", "dropout masks", "optimizer and clipping", "other"]
+
+
+def training_batches(data: Path, n: int, batch: int = 16, seed: int = 42) -> tuple[list[dict], object]:
+    """The first `n` training batches of `experiment=mrpc_minilm` on the MRPC folder `data`, and its config."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from transformers import DataCollatorWithPadding
+
+    from nlpwf import CONF_DIR, models
+    from nlpwf.data.splits import load_splits
+    from nlpwf.data.tokenize import tokenize
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=mrpc_minilm", f"dataset.data_dir={data}"])
+    task, splits = load_splits(cfg.dataset)
+    tokenizer = models.load_tokenizer(cfg.model)
+    train = tokenize(splits, tokenizer, cfg.dataset.max_seq_length, False)["train"].with_format(
+        columns=["input_ids", "token_type_ids", "attention_mask", "labels"])
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    collate = DataCollatorWithPadding(tokenizer)
+    return [collate([train[i] for i in order[b * batch:(b + 1) * batch]]) for b in range(n)], (cfg, task)
+
+
+def make_model(cfg, task, unpadded: bool):
+    import torch
+    from transformers import set_seed
+
+    from nlpwf import models
+    from nlpwf.training import unpad
+
+    set_seed(42)
+    model = models.load_model(cfg.model, **task.model_config()).train()
+    if unpadded and unpad.apply(model) is not None:
+        raise RuntimeError("the packaged MiniLM-L6 should train unpadded")
+    return model, torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
+
+
+def train_step(model, optimizer, inputs: dict, bf16: bool) -> float:
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**inputs).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def shares(model, optimizer, batches: list, bf16: bool) -> dict:
+    """Seconds of each kind of work over one round of `batches` (profiler self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for inputs in batches:
+            train_step(model, optimizer, inputs, bf16)
+    out = dict.fromkeys(ORDER, 0.0)
+    for event in prof.key_averages():
+        out[KINDS.get(event.key, "other")] += event.self_cpu_time_total / 1e6
+    return out
+
+
+def measure(dtype: str, batches: list, cfg, task, rounds: int) -> dict:
+    import torch
+
+    bf16 = dtype == "bf16"
+    models = {"padded": make_model(cfg, task, False), "unpadded": make_model(cfg, task, True)}
+    best = {name: [float("inf")] * len(batches) for name in models}
+    losses = {name: [] for name in models}
+    for r in range(rounds):
+        for i, inputs in enumerate(batches):
+            state = torch.get_rng_state()
+            for name, (model, opt) in models.items():  # alternate, so load hits both alike
+                torch.set_rng_state(state)  # the same dropout masks for both
+                t = time.perf_counter()
+                loss = train_step(model, opt, inputs, bf16)
+                best[name][i] = min(best[name][i], time.perf_counter() - t)
+                if r == 0:
+                    losses[name].append(loss)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded_tokens = sum(b["attention_mask"].numel() for b in batches)
+    res = {"real_tokens": real, "padded_tokens": padded_tokens, "steps": len(batches),
+           "max_loss_diff": max(abs(a - b) for a, b in zip(losses["padded"], losses["unpadded"]))}
+    for name, (model, opt) in models.items():
+        res[name] = {"step_s": sum(best[name]) / len(batches), "profile_s": shares(model, opt, batches, bf16)}
+    t_pad, t_unpad = res["padded"]["step_s"], res["unpadded"]["step_s"]
+    prof = res["padded"]["profile_s"]
+    masks = prof["dropout masks"] / sum(prof.values()) * t_pad  # the draws' share of the padded step, in wall time
+    res["speedup"] = t_pad / t_unpad
+    res["bound"] = t_pad / (masks + (t_pad - masks) * real / padded_tokens)
+    return res
+
+
+def render(res: dict) -> str:
+    lines = [f"# Where a training step's time goes, {res['date']}", "",
+             f"Machine: {res['isa']}, {res['threads']} threads, torch {res['torch']}. Load average before/after: "
+             f"{res['load_before']} / {res['load_after']}. Command: `{res['command']}`.", "",
+             f"MiniLM-L6 on MRPC train, batch 16, {res['runs'][next(iter(res['runs']))]['steps']} batches in the "
+             "Trainer's random order, one optimizer step each (autocast, backward, clipping, fused AdamW); wall time the best "
+             "of the rounds; shares from one profiled round (self time per op).", "",
+             "| dtype | model | s/step | matmuls | dropout masks | optimizer and clipping | other | speedup | bound | "
+             "of bound | loss diff |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for dtype, r in res["runs"].items():
+        for name in ("padded", "unpadded"):
+            prof = r[name]["profile_s"]
+            total = sum(prof.values())
+            cells = " | ".join(f"{prof[k] / total:.0%}" for k in ORDER)
+            extra = (f"{r['speedup']:.2f}x | {r['bound']:.2f}x | {r['speedup'] / r['bound']:.0%} | {r['max_loss_diff']:.1e}"
+                     if name == "unpadded" else "- | - | - | -")
+            lines.append(f"| {dtype} | {name} | {r[name]['step_s']:.3f} | {cells} | {extra} |")
+        lines.append("")
+        lines.append(f"{dtype}: {r['real_tokens']:,} real of {r['padded_tokens']:,} padded tokens "
+                     f"({1 - r['real_tokens'] / r['padded_tokens']:.0%} padding).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="GLUE MRPC folder")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--batches", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="default: the physical cores")
+    args = p.parse_args(argv)
+    os.environ.update(OFFLINE_ENV)
+    import torch
+
+    from nlpwf.runtime import isa, threads
+
+    torch.set_num_threads(args.threads or threads.physical_cores())
+    res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "isa": isa.detect().summary(),
+           "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "command": "python benchmarks/step_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()), "runs": {}}
+    batches, (cfg, task) = training_batches(args.data, args.batches)
+    for dtype in args.dtypes.split(","):
+        print(f"{dtype} ...", flush=True)
+        res["runs"][dtype] = measure(dtype, batches, cfg, task, args.rounds)
+    res["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "step_profile.json").write_text(json.dumps(res, indent=1))
+    md = render(res)
+    (args.out / "step_profile.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
