@@ -27,10 +27,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import train_speed as ts  # benchmarks/ is on sys.path when a script here runs
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mrpc"
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 # Kinds of work, by the op that does it (the profiler's self time of each op).
 KINDS = {"aten::mm": "matmuls", "aten::addmm": "matmuls", "aten::bmm": "matmuls",
          "aten::bernoulli_": "dropout masks", "aten::_fused_adamw_": "optimizer and clipping",
@@ -162,7 +163,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="default: the physical cores")
     args = p.parse_args(argv)
-    os.environ.update(OFFLINE_ENV)
+    os.environ.update(ts.OFFLINE_ENV)
     import torch
 
     from nlpwf.runtime import isa, threads
