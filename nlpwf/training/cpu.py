@@ -11,6 +11,7 @@ config node; bf16 autocast, dynamic padding, length grouping, `torch_compile` an
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import logging
 import os
@@ -104,6 +105,37 @@ def preload_env() -> dict[str, str]:
     return {"LD_PRELOAD": f"{path}:{current}" if current else path}
 
 
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def glibc() -> bool:
+    """Whether this process runs on glibc (not musl or macOS: other mallocs, other parameters)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc malloc keep freed memory in the heap for reuse, instead of handing it back to
+    the kernel. glibc serves each allocation above its mmap threshold (32 MB at most) with a
+    fresh mapping and unmaps it on free, and frees the top of its heap beyond 128 kB. A training
+    step allocates and frees the same large tensors every step (MiniLM's word-embedding gradient
+    alone is 47 MB), so every step page-faults and the kernel zero-fills those pages again:
+    12-18 thousand faults per MiniLM step on MRPC, about 1,000 with this (benchmarks/README.md).
+    Peak memory stays the same, as the tensors of one step are reused by the next. Returns
+    whether it took effect (not glibc: False). jemalloc and tcmalloc keep memory on their own."""
+    if not glibc():
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        # mallopt returns 1 on success; with mmap off, large blocks come from the heap too
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 # ---- process set-up ----------------------------------------------------------------------
 
 @dataclass
@@ -143,9 +175,13 @@ def setup_process(cfg, rank, local_world: int, threads: int) -> ProcessSettings:
     if threads > len(cpus):
         log.warning("%d threads on %d CPU(s): oversubscribed; set compute.threads_per_process=%d", threads, len(cpus), len(cpus))
     allocator = loaded_allocator()
-    if allocator == "system" and local_rank == 0:
-        hint = find_allocator()
-        log.info("allocator: system malloc%s", f" ({hint} is installed: see docs/performance.md to preload it)" if hint else "")
+    if allocator == "system":
+        if (cfg is None or cfg.get("keep_freed_memory", True)) and keep_freed_memory():
+            allocator = "system, freed memory kept"
+        if local_rank == 0:
+            hint = find_allocator()
+            log.info("allocator: %s%s", allocator.replace("system", "system malloc"),
+                     f" ({hint} is installed: see docs/performance.md to preload it)" if hint else "")
     return ProcessSettings(threads=threads, cores=sorted(cpus), affinity=mode, allocator=allocator)
 
 
@@ -193,7 +229,9 @@ def main() -> None:
     """`python -m nlpwf.perf`: what this machine offers, and the line to preload an allocator."""
     env = preload_env()
     print(f"cores: {len(physical_core_groups(os.sched_getaffinity(0)))} physical, {os.cpu_count()} logical")
-    print(f"allocator in this process: {loaded_allocator()}")
+    allocator = loaded_allocator()
+    kept = ", training keeps freed memory (perf.keep_freed_memory)" if allocator == "system" and glibc() else ""
+    print(f"allocator in this process: {allocator}{kept}")
     none = "preload: no jemalloc or tcmalloc installed (apt-get install libjemalloc2)"
     print(f"preload: export LD_PRELOAD={env['LD_PRELOAD']}" if env else none)
     print(f"IPEX: {'available' if ipex_module() else 'not installed or not built for torch ' + torch.__version__}")
