@@ -21,6 +21,7 @@ for) runs the model's own forward.
 from __future__ import annotations
 
 import torch
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_flash_attention_utils import _pad_input
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -127,9 +128,10 @@ class UnpaddedBertModel(BertModel):
             attention, mask = eager_attention_forward, _additive_mask(attention_mask, x.dtype)
         else:
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-            # the padded model's own 4D mask for its attention implementation
-            mask = self._create_attention_masks(attention_mask, None, torch.empty((pack.batch, pack.length, 0), dtype=x.dtype),
-                                                None, None)[0]
+            # the padded model's own 4D mask for its attention implementation (the public helper its
+            # forward calls: BertModel's private wrapper changed its signature in transformers 5.25)
+            mask = create_bidirectional_mask(config=self.config, attention_mask=attention_mask,
+                                             inputs_embeds=torch.empty((pack.batch, pack.length, 0), dtype=x.dtype))
         for layer in self.encoder.layer:
             x = self._layer(layer, pack, x, attention, mask)
         pooled = self.pooler(x.index_select(0, pack.first).unsqueeze(1)) if self.pooler is not None else None
