@@ -7,6 +7,7 @@ local cache is tried before the network). The serving stages name a saved job's 
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 from pathlib import Path
 
@@ -67,12 +68,41 @@ def _from_source(loader, source: str, what: str, **kwargs):
 
 # ---- a model to train, from the `model` config group ---------------------------------------
 
+# Set from the data (data.tasks.Task.model_config), never by hand.
+HEAD_KEYS = ("num_labels", "id2label", "label2id", "problem_type")
+# Settings that size a pretrained model's weights: changing one would leave them unloadable (or,
+# with ignore_mismatched_sizes, silently re-initialised), so an override must equal the source's.
+SHAPE_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+              "type_vocab_size", "embedding_size")
+
+
+def model_config(cfg: DictConfig, **head):
+    """The config a training job's model is built with. With `model.random_init` it is
+    `model.config` itself (the architecture); otherwise the source's config.json with
+    `model.config` over it (for example hidden_dropout_prob), every key checked against it."""
+    overrides = OmegaConf.to_container(cfg.config, resolve=True)
+    base = BertConfig() if cfg.random_init else _from_source(AutoConfig.from_pretrained, cfg.source, "model config")
+    known = base.to_dict()
+    for key, value in overrides.items():
+        if key in HEAD_KEYS:
+            raise UserError(f"model.config.{key} is set from the data's labels: remove it "
+                            f"(dataset.problem and the label column decide the head)")
+        if key not in known:
+            near = difflib.get_close_matches(key, [k for k in known if not k.startswith("_")], n=3, cutoff=0.5)
+            raise UserError(f"model.config.{key} is not a setting of {cfg.name}'s {base.model_type} config: "
+                            + (f"did you mean {' or '.join(near)}?" if near else "see its config.json for the keys"))
+        if not cfg.random_init and key in SHAPE_KEYS and value != known[key]:
+            raise UserError(f"model.config.{key}={value} would reshape {cfg.name}'s pretrained weights "
+                            f"({key} is {known[key]}): remove it, or add model.random_init=true to train from scratch")
+    if cfg.random_init:
+        return BertConfig(**overrides, **head)
+    base.update({**overrides, **head})
+    return base
+
+
 def max_positions(cfg: DictConfig) -> int:
     """The longest sequence the model can take, known before any weights are loaded."""
-    if cfg.random_init:
-        return int(cfg.config.get("max_position_embeddings", 512))
-    config = _from_source(AutoConfig.from_pretrained, cfg.source, "model config")
-    return int(config.max_position_embeddings)
+    return int(model_config(cfg).max_position_embeddings)
 
 
 def load_tokenizer(cfg: DictConfig):
@@ -83,12 +113,9 @@ def load_model(cfg: DictConfig, **head):
     """A sequence classifier with a new head. `head` is its config: id2label / label2id (or
     num_labels), problem_type and whatever else the model should remember (data.tasks.Task.
     model_config); it is saved in config.json with the weights. Without it: two labels."""
-    head = head or {"num_labels": 2}
+    config = model_config(cfg, **(head or {"num_labels": 2}))
     if cfg.random_init:
-        config = BertConfig(**OmegaConf.to_container(cfg.config), **head)
         return AutoModelForSequenceClassification.from_config(config)
-    config = _from_source(AutoConfig.from_pretrained, cfg.source, "model config")
-    config.update(head)
     # A source that already has a head of another size (a model fine-tuned on another task)
     # gets a new one, as run_glue's ignore_mismatched_sizes does.
     return _from_source(AutoModelForSequenceClassification.from_pretrained, cfg.source, "model", config=config,

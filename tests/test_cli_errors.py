@@ -30,6 +30,7 @@ def test_unknown_group_option_uses_hydras_message():
     ("compute.processes_per_node=0", ["compute.processes_per_node=0", "use 1 or more"]),
     ("dataset.max_seq_length=256", ["max_seq_length=256", "limit of 128", "max_seq_length=128"]),
     ("+training.warmup_ratio=0.1", ["warmup_ratio", "warmup_steps=0.1"]),
+    ("+model.config.hiden_dropout_prob=0", ["model.config.hiden_dropout_prob", "did you mean hidden_dropout_prob"]),
 ])
 def test_config_errors(tmp_path, override, fragments):
     proc = run_cli(*TINY, override, f"hydra.run.dir={tmp_path / 'job'}")

@@ -28,6 +28,29 @@ def test_minilm_loads_offline_from_its_package():
     assert not torch.allclose(model.state_dict()[w], fresh.state_dict()[w])
 
 
+def test_model_config_overrides_a_pretrained_config_and_is_saved_with_the_model(tmp_path):
+    cfg = compose("+model.config.hidden_dropout_prob=0", "+model.config.attention_probs_dropout_prob=0.05").model
+    model = models.load_model(cfg, num_labels=3)
+    assert model.bert.embeddings.dropout.p == 0 and model.bert.encoder.layer[0].attention.self.dropout.p == 0.05
+    assert model.config.num_labels == 3 and model.config.hidden_size == 384  # the rest is the source's
+    model.save_pretrained(str(tmp_path))
+    assert models.load_saved_config(tmp_path).hidden_dropout_prob == 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+model.config.hiden_dropout_prob=0", "hiden_dropout_prob is not a setting of .* config: did you mean hidden_dropout_prob"),
+    ("+model.config.hidden_size=512", "hidden_size=512 would reshape minilm_l6's pretrained weights \\(hidden_size is 384\\)"),
+    ("+model.config.num_labels=3", "num_labels is set from the data's labels"),
+])
+def test_model_config_keys_that_cannot_apply_are_refused_before_any_weights_load(override, message):
+    with pytest.raises(UserError, match=message):
+        models.max_positions(compose(override).model)
+
+
+def test_model_config_may_restate_a_pretrained_shape():
+    assert models.max_positions(compose("+model.config.hidden_size=384", "+model.config.max_position_embeddings=512").model) == 512
+
+
 def test_tiny_bert_is_random_and_reproducible():
     cfg = compose("model=tiny_bert").model
     from transformers import set_seed
