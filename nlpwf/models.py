@@ -77,9 +77,9 @@ SHAPE_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_
 
 
 def model_config(cfg: DictConfig, **head):
-    """The config a training job's model is built with. With `model.random_init` it is
-    `model.config` itself (the architecture); otherwise the source's config.json with
-    `model.config` over it (for example hidden_dropout_prob), every key checked against it."""
+    """The config a training job's model is built with: `model.config` over BERT's defaults
+    with `model.random_init` (the architecture), otherwise over the source's config.json (for
+    example hidden_dropout_prob), every key checked against what it goes over."""
     overrides = OmegaConf.to_container(cfg.config, resolve=True)
     base = BertConfig() if cfg.random_init else _from_source(AutoConfig.from_pretrained, cfg.source, "model config")
     known = base.to_dict()
@@ -94,8 +94,6 @@ def model_config(cfg: DictConfig, **head):
         if not cfg.random_init and key in SHAPE_KEYS and value != known[key]:
             raise UserError(f"model.config.{key}={value} would reshape {cfg.name}'s pretrained weights "
                             f"({key} is {known[key]}): remove it, or add model.random_init=true to train from scratch")
-    if cfg.random_init:
-        return BertConfig(**overrides, **head)
     base.update({**overrides, **head})
     return base
 
