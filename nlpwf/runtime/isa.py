@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,23 +104,25 @@ def agree(native_bf16: bool) -> bool:
     return not collective.any_rank(not native_bf16)
 
 
-def bf16_slowdown(size: int = 512, reps: int = 5) -> float:
-    """How many times slower a bf16 matmul runs than fp32 on this CPU (best of `reps`): the
-    number a warning about emulated bf16 quotes."""
+def bf16_slowdown(size: int = 512, reps: int = 7) -> float:
+    """How many times slower a bf16 matmul runs than fp32 on this CPU: the number a warning about
+    emulated bf16 quotes. The two dtypes take turns and the median of the per-turn ratios is kept,
+    so a burst of load from another process lands on one turn, not on one dtype."""
     import torch
 
     a = torch.randn(size, size)
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x = a.to(dtype)
+    operands = {dtype: a.to(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    for x in operands.values():
         torch.mm(x, x)  # warm-up: oneDNN picks its kernel on the first call
-        best = float("inf")
-        for _ in range(reps):
+    ratios = []
+    for _ in range(reps):
+        took = {}
+        for dtype, x in operands.items():
             start = time.perf_counter()
             torch.mm(x, x)
-            best = min(best, time.perf_counter() - start)
-        timings[dtype] = best
-    return timings[torch.bfloat16] / timings[torch.float32]
+            took[dtype] = time.perf_counter() - start
+        ratios.append(took[torch.bfloat16] / took[torch.float32])
+    return statistics.median(ratios)
 
 
 def resolve(requested: str, announce: bool = True) -> str:
@@ -141,5 +144,5 @@ def resolve(requested: str, announce: bool = True) -> str:
 
 def warn_if_emulated(chosen: str, isa: Isa) -> None:
     if chosen == "bf16" and not isa.native_bf16:
-        log.warning("precision=bf16 on a CPU without native bf16 (%s): a bf16 matmul measured %.1fx the time of fp32 here; "
+        log.warning("precision=bf16 on a CPU without native bf16 (%s): a bf16 matmul took %.2gx the time of fp32 here; "
                     "precision=auto picks what this CPU computes natively", isa.summary(), bf16_slowdown())
