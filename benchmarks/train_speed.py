@@ -58,21 +58,26 @@ COMMON = ["training.disable_tqdm=true", "training.save_strategy=no", "training.l
 SEED = ["experiment=mrpc_seed", "dataset.eval_split=validation", "training.per_device_train_batch_size=16",
         "training.per_device_eval_batch_size=64", "perf.unpad=false"]
 FAST = ["experiment=mrpc_minilm"]  # the seed's optimiser settings with dynamic padding
-# plain-*: transformers' Trainer alone with the fast preset's data, model, flags and maths;
+# plain-*: transformers' Trainer alone with the fast preset's data, model, flags and maths, in the
+# model's default attention (sdpa) and, -eager, in transformers' eager attention (the other stock
+# choice; which one trains faster on a CPU depends on dtype and dropout, so both are measured);
 # fast-bf16-padded: nlpwf without unpadding (perf.unpad=false), to show what unpadding alone gives.
 VARIANTS = {"seed": SEED + ["precision=fp32"],
-            "plain-fp32": FAST + ["precision=fp32"], "fast-fp32": FAST + ["precision=fp32"],
-            "plain-bf16": FAST + ["precision=bf16"], "fast-bf16": FAST + ["precision=bf16"],
+            "plain-fp32": FAST + ["precision=fp32"], "plain-fp32-eager": FAST + ["precision=fp32"],
+            "fast-fp32": FAST + ["precision=fp32"],
+            "plain-bf16": FAST + ["precision=bf16"], "plain-bf16-eager": FAST + ["precision=bf16"],
+            "fast-bf16": FAST + ["precision=bf16"],
             "fast-bf16-padded": FAST + ["precision=bf16", "perf.unpad=false"],
             "fast-auto": FAST + ["precision=auto"]}
 # fast-auto runs in what precision=auto picks for this CPU (bf16 where it is native, else fp32).
 AUTO = isa.choose("auto", isa.detect().native_bf16)
 DTYPE = {name: AUTO if name.endswith("-auto") else "bf16" if "bf16" in name else "fp32" for name in VARIANTS}
-PLAIN = {"plain-fp32", "plain-bf16"}
+PLAIN = {"plain-fp32", "plain-fp32-eager", "plain-bf16", "plain-bf16-eager"}
 THROUGHPUT_VARIANTS = {"minilm_l6": list(VARIANTS),
                        "bert_base_uncased": ["seed", "fast-fp32", "plain-bf16", "fast-bf16"]}
 # Same maths, same batches, same seed: per-step losses that should agree to float rounding.
-LOSS_PAIRS = [("fast-fp32", "plain-fp32"), ("fast-bf16", "plain-bf16"), ("fast-bf16", "fast-bf16-padded")]
+LOSS_PAIRS = [("fast-fp32", "plain-fp32"), ("fast-bf16", "plain-bf16"), ("fast-bf16", "fast-bf16-padded"),
+              ("plain-fp32-eager", "plain-fp32"), ("plain-bf16-eager", "plain-bf16")]
 ACCURACY_VARIANTS = ("seed", "fast-bf16")  # the recipes compared on MRPC dev accuracy
 # Workers inherit it: nothing may reach for the Hub, and the tokenizer must not start its own threads.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -172,11 +177,12 @@ def make_turns_callback(conn, turn_s: float, budget_s: float, target: float | No
     return Turns()
 
 
-def train_plain(cfg, job_dir: Path, turns) -> dict:
+def train_plain(cfg, job_dir: Path, turns, attention: str) -> dict:
     """transformers' Trainer alone: the data, model, seed and TrainingArguments nlpwf would use
     (so the same batches in the same order, the same flags and maths), dynamic padding by
-    DataCollatorWithPadding, and none of nlpwf's add-ons (no unpadding, pinning, allocator,
-    recorder, checkpoint or SIGTERM callbacks). Only the benchmark's own observer is added."""
+    DataCollatorWithPadding, the model in `attention` (sdpa or eager), and none of nlpwf's
+    add-ons (no unpadding, pinning, allocator, recorder, checkpoint or SIGTERM callbacks). Only
+    the benchmark's own observer is added."""
     from transformers import DataCollatorWithPadding, Trainer, set_seed
 
     from nlpwf import models
@@ -190,6 +196,7 @@ def train_plain(cfg, job_dir: Path, turns) -> dict:
     args = training_arguments(cfg, job_dir, [], isa.resolve(cfg.precision.name, announce=False))
     set_seed(args.seed)
     model = models.load_model(cfg.model, **task.model_config())
+    model.set_attn_implementation(attention)
 
     class Observed(Trainer):
         def training_step(self, model, inputs, *a, **kw):
@@ -199,13 +206,13 @@ def train_plain(cfg, job_dir: Path, turns) -> dict:
     trainer = Observed(model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["eval"],
                        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer), callbacks=[turns])
     metrics = trainer.train().metrics
-    return {**metrics, "perf_allocator": "system (stock)", "perf_activation_dtype": None, "perf_unpad": "off (stock)"}
+    return {**metrics, "perf_allocator": "system (stock)", "perf_activation_dtype": None, "perf_unpad": f"off (stock, {attention})"}
 
 
 def worker(conn, overrides: list[str], job_dir: str, turn_s: float, budget_s: float, target, stop_at_target: bool,
-           count_setup: bool, plain: bool = False) -> None:
+           count_setup: bool, plain: str | None = None) -> None:
     """One variant: import, wait for the first turn, then train through nlpwf.stages.train.train
-    (or, `plain`, through transformers' Trainer alone)."""
+    (or, with `plain` an attention implementation, through transformers' Trainer alone)."""
     try:
         import logging
 
@@ -228,7 +235,7 @@ def worker(conn, overrides: list[str], job_dir: str, turn_s: float, budget_s: fl
         conn.recv()
         turns.resumed = time.perf_counter()  # own time starts with the first turn: setup counts
         if plain:
-            result = train_plain(cfg, Path(job_dir), turns)
+            result = train_plain(cfg, Path(job_dir), turns, plain)
         else:
             result = train.train(cfg, Path(job_dir), callbacks=[turns])
         conn.send(("done", {
@@ -258,7 +265,7 @@ def start_workers(specs: dict[str, dict], tmp: Path) -> dict:
         try:
             p = ctx.Process(target=worker, args=(child, spec["overrides"], str(tmp / name), spec["turn_s"], spec["budget_s"],
                                                  spec.get("target"), spec.get("stop_at_target", False), spec.get("count_setup", False),
-                                                 spec.get("plain", False)),
+                                                 spec.get("plain")),
                             daemon=True)
             p.start()
         finally:
@@ -347,7 +354,8 @@ def measure_throughput(args, tmp: Path, peaks: dict) -> dict:
                     f"dataset.data_dir={args.data}", "training.num_train_epochs=100", "training.eval_strategy=no",
                     "dataset.max_eval_samples=8"],
                      "threads": args.threads, "turn_s": turn, "budget_s": budget,
-                     "preload": v != "seed" and v not in PLAIN, "plain": v in PLAIN}
+                     "preload": v != "seed" and v not in PLAIN,
+                     "plain": ("eager" if v.endswith("-eager") else "sdpa") if v in PLAIN else None}
                  for v in names}
         runs = take_turns(start_workers(specs, tmp / model), between=lambda: sample_peaks(peaks, args))
         out[model] = {v: throughput_stats(model, runs[v], 1 if args.quick or big else WARMUP_STEPS) for v in names}
@@ -523,8 +531,9 @@ def render_markdown(res: dict) -> str:
         lines += ["", "## Throughput", "",
              "Tokens are real (non-pad) tokens; MFU = model FLOP/s on real tokens / matmul peak of the "
              "variant's dtype; HFU counts the tokens the encoder's dense layers computed (the padded ones, "
-             "unless unpadded). × plain: against the plain transformers Trainer in the same dtype (same data, "
-             "batches, seed, flags and maths). Turn CV: spread of the variant's rate across its turns (machine noise).", "",
+             "unless unpadded). × plain: against the faster plain transformers Trainer variant (sdpa or eager "
+             "attention) in the same dtype (same data, batches, seed, flags and maths). "
+             "Turn CV: spread of the variant's rate across its turns (machine noise).", "",
              "| model | variant | samples/s | tokens/s | × seed | × plain | padded len | model GFLOP/s | MFU | HFU | turn CV "
              "| unpad | allocator |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -533,7 +542,8 @@ def render_markdown(res: dict) -> str:
         for name, s in variants.items():
             peak = peaks[DTYPE[name]]
             cv = f"{s['turn_rate_cv']:.0%}" if s["turn_rate_cv"] is not None else "-"
-            plain = variants.get(f"plain-{DTYPE[name]}")
+            plain = max((v for k, v in variants.items() if k in PLAIN and DTYPE[k] == DTYPE[name]),
+                        key=lambda v: v["samples_per_s"], default=None)
             vs_plain = f"{s['samples_per_s'] / plain['samples_per_s']:.2f}" if plain else "-"
             vs_seed = f"{s['samples_per_s'] / base:.2f}" if base else "-"
             unpadded = str(s.get("unpad") or "-").startswith("on")

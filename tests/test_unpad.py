@@ -113,6 +113,17 @@ def test_dropout_masks_follow_the_padded_model():
     assert torch.equal(after_padded, after_unpadded)
 
 
+def test_without_dropout_it_computes_the_padded_step_and_draws_nothing():
+    """Dropout off (mrpc_minilm, cola_minilm): the same loss and gradients, and no random draws,
+    so the generator is where it started."""
+    model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    padded, unpadded = both(model, batch(LENGTHS))
+    after = torch.get_rng_state()
+    torch.manual_seed(7)  # what `step` seeded before the unpadded forward
+    assert torch.equal(after, torch.get_rng_state())
+    assert_same(padded, unpadded, tol=1e-5)
+
+
 def test_eval_logits_match_and_position_ids_are_honoured():
     model = tiny_bert().eval()
     inputs = {k: v for k, v in batch(LENGTHS).items() if k != "labels"}
