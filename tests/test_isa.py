@@ -43,6 +43,17 @@ def test_amx_counts_as_native_bf16_without_avx512_bf16():
     assert isa.from_cpuinfo(text).native_bf16
 
 
+@pytest.mark.parametrize("cap, bf16, int8, amx", [
+    ("AVX512_CORE_VNNI", False, True, False), ("avx512_core_bf16", True, True, False), ("AVX2", False, False, False),
+    ("AVX10_1_512_AMX", True, True, True), ("ALL", True, True, True), ("NO_SUCH_ISA", True, True, True), (None, True, True, True),
+])
+def test_a_onednn_isa_cap_narrows_what_counts_as_native(cap, bf16, int8, amx):
+    # Sapphire Rapids with oneDNN held below bf16 computes bf16 as Ice Lake does: emulated
+    found = isa.onednn_cap(isa.from_cpuinfo(SAPPHIRE_RAPIDS), cap)
+    assert (found.native_bf16, found.int8_dot_product, found.amx_bf16, found.amx_int8) == (bf16, int8, amx, amx)
+    assert ("capped" in found.cpu) == (not amx)  # said wherever the cap took something away
+
+
 def test_no_flags_line_is_not_a_guess():
     assert isa.from_cpuinfo("processor\t: 0\n") is None
 

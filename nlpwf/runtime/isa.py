@@ -5,7 +5,9 @@ Cooper Lake) or AMX-BF16 tiles (Intel Sapphire Rapids and later). Elsewhere (Ice
 Lake: what Azure's D-series v5/v4 often give) oneDNN emulates it and bf16 runs slower than fp32.
 INT8 likewise wants VNNI (AVX512-VNNI or AVX-VNNI) or AMX-INT8.
 
-Read from /proc/cpuinfo (the kernel's view, on every Linux node), else from torch's own probe.
+Read from /proc/cpuinfo (the kernel's view, on every Linux node), else from torch's own probe,
+then narrowed to what oneDNN may use when `ONEDNN_MAX_CPU_ISA` caps it (an image or a cluster
+may set it; it also makes this machine stand in for an older CPU).
 `precision=auto` is decided on the machines that run the job, and the ranks of a job agree on
 the least capable node's answer (`agree`).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -78,13 +81,36 @@ def _from_torch() -> Isa:
                avx_vnni=bool(caps.get("avx_vnni")), amx_bf16=bool(caps.get("amx_bf16")), amx_int8=bool(caps.get("amx_int8")))
 
 
+# oneDNN's ISA levels (its ONEDNN_MAX_CPU_ISA values, old names beside the AVX10 ones), lowest
+# first, and the level each feature needs: a cap below it means oneDNN's matmuls run without it.
+ONEDNN_LEVELS = ["SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16",
+                 "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2"]
+ONEDNN_ALIASES = {"AVX10_1_512": "AVX512_CORE_FP16", "AVX10_1_512_AMX": "AVX512_CORE_AMX",
+                  "AVX10_1_512_AMX_FP16": "AVX512_CORE_AMX_FP16"}
+NEEDS = {"avx512": "AVX512_CORE", "avx512_vnni": "AVX512_CORE_VNNI", "avx_vnni": "AVX2_VNNI",
+         "avx512_bf16": "AVX512_CORE_BF16", "amx_bf16": "AVX512_CORE_AMX", "amx_int8": "AVX512_CORE_AMX"}
+
+
+def onednn_cap(isa: Isa, value: str | None) -> Isa:
+    """`isa` as oneDNN may use it under ONEDNN_MAX_CPU_ISA=`value` (None, ALL, DEFAULT or a value
+    oneDNN does not know: no cap, as oneDNN itself treats them)."""
+    level = ONEDNN_ALIASES.get((value or "").upper(), (value or "").upper())
+    if level not in ONEDNN_LEVELS:
+        return isa
+    rank = ONEDNN_LEVELS.index(level)
+    kept = {name: getattr(isa, name) and rank >= ONEDNN_LEVELS.index(needs) for name, needs in NEEDS.items()}
+    if kept == {name: getattr(isa, name) for name in NEEDS}:
+        return isa
+    return Isa(cpu=f"{isa.cpu} (oneDNN capped at {level})", **kept)
+
+
 @functools.lru_cache(maxsize=1)
 def detect() -> Isa:
     try:
         isa = from_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
         isa = None
-    return isa or _from_torch()
+    return onednn_cap(isa or _from_torch(), os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"))
 
 
 def choose(requested: str, native_bf16: bool) -> str:
