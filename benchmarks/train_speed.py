@@ -531,7 +531,8 @@ def render_markdown(res: dict) -> str:
         lines += ["", "## Throughput", "",
              "Tokens are real (non-pad) tokens; MFU = model FLOP/s on real tokens / matmul peak of the "
              "variant's dtype; HFU counts the tokens the encoder's dense layers computed (the padded ones, "
-             "unless unpadded). × plain: against the faster plain transformers Trainer variant (sdpa or eager "
+             "unless unpadded; unpadded, the up to 15 padding tokens a batch's rows are rounded up with "
+             "are left out). × plain: against the faster plain transformers Trainer variant (sdpa or eager "
              "attention) in the same dtype (same data, batches, seed, flags and maths). "
              "Turn CV: spread of the variant's rate across its turns (machine noise).", "",
              "| model | variant | samples/s | tokens/s | × seed | × plain | padded len | model GFLOP/s | MFU | HFU | turn CV "

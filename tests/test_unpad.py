@@ -138,6 +138,19 @@ def test_eval_logits_match_and_position_ids_are_honoured():
                               atol=1e-5)
 
 
+def test_packing_rounds_its_rows_up_with_the_first_padding_tokens():
+    """The packed row count is a multiple of `rows` (oneDNN then meets few matrix shapes), made up
+    with padding tokens, never more than the batch has; each row's first token is found again."""
+    mask = batch(LENGTHS)["attention_mask"]
+    real = set(mask.flatten().nonzero().flatten().tolist())
+    for rows, expected in ((1, 70), (16, 80), (32, 96), (512, mask.numel())):
+        pack = unpad.Packing(mask, rows)
+        index = pack.index.tolist()
+        assert len(index) == expected and index == sorted(index) and real <= set(index)
+        assert (pack.index.index_select(0, pack.first) == torch.arange(len(LENGTHS)) * mask.shape[1]).all()
+    assert mask.sum() == 70  # Packing left the caller's mask alone
+
+
 def test_batches_it_cannot_pack_run_the_models_own_forward():
     model = tiny_bert()
     unpad.apply(model)
