@@ -283,10 +283,13 @@ def start_workers(specs: dict[str, dict], tmp: Path) -> dict:
 
 
 def take_turns(workers: dict, between=None) -> dict:
-    """Round-robin turns until every worker is done; `between()` runs after each round."""
-    results, active = {}, list(workers)
+    """Round-robin turns until every worker is done; `between()` runs after each round. Every
+    other round goes in reverse order, so that no variant always follows the same one (a turn
+    starts with caches the previous variant left)."""
+    results, active, rounds = {}, list(workers), 0
     while active:
-        for name in list(active):
+        rounds += 1
+        for name in (list(active) if rounds % 2 else active[::-1]):
             conn, proc = workers[name]
             conn.send("go")
             msg = conn.recv()
