@@ -173,6 +173,14 @@ def test_models_it_does_not_know_are_left_padded():
     decoder = tiny_bert(is_decoder=True)
     assert "decoder" in unpad.apply(decoder) and not unpad.is_applied(decoder)
 
+    class Linear(torch.nn.Linear):  # stands for a LoRA or quantized layer with its own forward (PEFT's is named so)
+        pass
+
+    adapted = tiny_bert()
+    old = adapted.bert.encoder.layer[1].attention.self.value
+    adapted.bert.encoder.layer[1].attention.self.value = Linear(old.in_features, old.out_features)
+    assert "not plain torch.nn.Linear layers" in unpad.apply(adapted) and not unpad.is_applied(adapted)
+
 
 def test_the_model_saves_and_reloads_as_the_plain_bert(tmp_path):
     model = tiny_bert()

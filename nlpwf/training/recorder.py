@@ -30,10 +30,12 @@ class Recorder(TrainerCallback):
         model = self.trainer.model
         # A Python hook inside a compiled region would break its graph on every step: the dtype
         # is recorded in eager runs only (batch shapes come from on_train_batch either way).
+        # On every Linear, because whichever runs first is model-dependent (the unpadded BERT
+        # computes Q, K and V from their weights without calling their modules); the first call
+        # records and removes them all.
         if not self._handles and not args.torch_compile:
-            first_linear = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
-            if first_linear is not None:
-                self._handles.append(first_linear.register_forward_hook(self._record_dtype))
+            self._handles = [m.register_forward_hook(self._record_dtype) for m in model.modules()
+                             if isinstance(m, torch.nn.Linear)]
         self._register_comm_hook(self.trainer.model_wrapped)
 
     def _register_comm_hook(self, wrapped) -> None:

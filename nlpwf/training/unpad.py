@@ -47,6 +47,13 @@ def unsupported(model) -> str | None:
         return "chunked feed-forward (config.chunk_size_feed_forward)"
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         return f"position_embedding_type={config.position_embedding_type}"
+    # Q, K and V are computed from their weights in one matmul: an adapter's own forward would be skipped
+    # (by type, not name: PEFT's LoRA layer is also called Linear)
+    wrapped = {type(m) for layer in base.encoder.layer for m in
+               (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value)} - {torch.nn.Linear}
+    if wrapped:
+        names = ", ".join(sorted(f"{t.__module__}.{t.__qualname__}" for t in wrapped))
+        return f"Q/K/V projections that are not plain torch.nn.Linear layers ({names})"
     if config._attn_implementation not in ATTENTION:
         return f"attn_implementation={config._attn_implementation} (unpadding wraps {' or '.join(ATTENTION)})"
     return None
