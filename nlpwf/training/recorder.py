@@ -100,9 +100,10 @@ def mask_shape(mask) -> tuple[int, int, int, int, int, int]:
 def attach(trainer, cfg, settings: cpu.ProcessSettings, bf16: bool) -> Recorder:
     """Add nlpwf's CPU add-ons to a Trainer before `train()`. `cfg` is the `perf` node (may be None)."""
     cfg = cfg or {}
-    settings.unpad = apply_unpad(trainer) if cfg.get("unpad", False) else "off"
     if cfg.get("ipex", True):
         settings.ipex = cpu.apply_ipex(trainer, bf16)
+    # after IPEX: its prepacked linear layers are not plain Linear weights to multiply by, so unpad says no
+    settings.unpad = apply_unpad(trainer) if cfg.get("unpad", False) else "off"
     recorder = Recorder(trainer, settings, cfg.get("ddp_comm_hook"))
     if recorder.hook_name:
         cpu.comm_hook(recorder.hook_name)  # reject an unknown name now, not after loading data on every rank
