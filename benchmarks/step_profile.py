@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mrpc"
 # Kinds of work, by the op that does it (the profiler's self time of each op).
-KINDS = {"aten::mm": "matmuls", "aten::addmm": "matmuls", "aten::bmm": "matmuls",
+KINDS = {"aten::mm": "matmuls", "aten::addmm": "matmuls", "aten::bmm": "matmuls", "aten::baddbmm": "matmuls",
          "aten::bernoulli_": "dropout masks", "aten::_fused_adamw_": "optimizer and clipping",
          "aten::linalg_vector_norm": "optimizer and clipping"}
 ORDER = ["matmuls", "dropout masks", "optimizer and clipping", "other"]

@@ -151,6 +151,36 @@ def test_packing_rounds_its_rows_up_with_the_first_padding_tokens():
     assert mask.sum() == 70  # Packing left the caller's mask alone
 
 
+def test_attention_groups_pad_each_group_only_to_its_longest():
+    """Training attention runs on groups of GROUP sequences sorted by length, each as wide as its
+    longest (rounded up to ROWS in bf16, whose oneDNN kernels are built per shape), and every
+    packed token comes back from exactly one slot."""
+    lengths = [9, 3, 17, 12, 5, 17, 7, 2, 4]
+    mask = batch(lengths)["attention_mask"]
+    pack = unpad.Packing(mask, unpad.ROWS)
+    rows = pack.rows.tolist()  # the rounding rows are counted with the sequences they pad
+    assert sum(rows) == len(pack.index) == 80
+    groups = unpad.Groups(pack, mask, heads=4, dtype=torch.float32)
+    by_length = sorted(range(len(lengths)), key=lambda i: -rows[i])
+    assert [g[0].tolist() for g in groups.groups] == [by_length[:4], by_length[4:8], by_length[8:]]
+    assert [g[1] for g in groups.groups] == [rows[by_length[0]], rows[by_length[4]], rows[by_length[8]]]
+    assert len(set(groups.back.tolist())) == len(pack.index)
+    widths = [g[1] for g in unpad.Groups(pack, mask, heads=4, dtype=torch.bfloat16).groups]
+    assert all(w % unpad.ROWS == 0 for w in widths) and widths[-1] < widths[0]
+
+
+def test_grouped_attention_keeps_the_padded_maths_with_holes_in_the_mask():
+    """Three groups, the last of one sequence; a mask with holes inside sequences (keys the padded
+    model masks where they are); dropout on, so the attention masks must be cut where the padded
+    model's slots are."""
+    model = tiny_bert(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.3)
+    inputs = batch([9, 3, 17, 12, 5, 17, 7, 2, 4])
+    inputs["attention_mask"][0, 4] = 0
+    inputs["attention_mask"][2, 10:12] = 0
+    assert_same(*both(model, inputs), tol=1e-5)
+    assert_same(*both(model, inputs, bf16=True), tol=3e-2)
+
+
 def test_batches_it_cannot_pack_run_the_models_own_forward():
     model = tiny_bert()
     unpad.apply(model)
