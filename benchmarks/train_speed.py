@@ -318,16 +318,29 @@ def throughput_stats(model: str, run: dict, warmup: int = WARMUP_STEPS) -> dict:
     samples = sum(b[0] for b in window)
     real_tokens = sum(b[4] for b in window)
     padded_tokens = sum(b[0] * b[1] for b in window)
-    # per-turn rates, to show how noisy the machine was
-    bounds = [warmup + 1] + [c for _, c in run["turns"] if warmup + 1 < c < n] + [n]
-    rates = [sum(x[0] for x in batches[a:b]) / (steps[b - 1] - steps[a - 1]) for a, b in zip(bounds, bounds[1:]) if b > a]
+    # the rate of each turn (None for turns within the warm-up), by turn: turn i of every variant ran
+    # in the same round, so the rates pair up across variants (paired_ratio)
+    ends = [c for _, c in run["turns"] if c < n] + [n]
+    turn_rates = []
+    for a, b in zip([0] + ends[:-1], ends):
+        a = max(a, warmup + 1)
+        turn_rates.append(sum(x[0] for x in batches[a:b]) / (steps[b - 1] - steps[a - 1]) if b > a else None)
+    rates = [r for r in turn_rates if r is not None]
     return {"steps": len(window), "seconds": seconds, "samples_per_s": samples / seconds,
             "tokens_per_s": real_tokens / seconds, "padded_tokens_per_s": padded_tokens / seconds,
             "model_flops_per_s": useful / seconds, "hardware_flops_per_s": padded / seconds,
             "mean_padded_length": padded_tokens / samples,
             "turn_rate_cv": statistics.pstdev(rates) / statistics.mean(rates) if len(rates) > 1 else None,
+            "turn_rates": turn_rates,
             "allocator": run["allocator"], "activation_dtype": run["activation_dtype"], "unpad": run.get("unpad"),
             "losses": run.get("losses", [])}
+
+
+def paired_ratio(a: dict, b: dict) -> float | None:
+    """Median over the rounds of variant a's turn rate ÷ variant b's in the same round: load that
+    lasts a round hits both, so this moves less with the machine than the ratio of whole-run rates."""
+    pairs = [x / y for x, y in zip(a.get("turn_rates") or [], b.get("turn_rates") or []) if x and y]
+    return statistics.median(pairs) if pairs else None
 
 
 def loss_traces(variants: dict) -> list[dict]:
@@ -536,11 +549,12 @@ def render_markdown(res: dict) -> str:
              "variant's dtype; HFU counts the tokens the encoder's dense layers computed (the padded ones, "
              "unless unpadded; unpadded, the up to 15 padding tokens a batch's rows are rounded up with "
              "are left out). × plain: against the faster plain transformers Trainer variant (sdpa or eager "
-             "attention) in the same dtype (same data, batches, seed, flags and maths). "
+             "attention) in the same dtype (same data, batches, seed, flags and maths); × plain, by round: the median over "
+             "the rounds of the two variants' rates in the same round (load that lasts a round hits both). "
              "Turn CV: spread of the variant's rate across its turns (machine noise).", "",
-             "| model | variant | samples/s | tokens/s | × seed | × plain | padded len | model GFLOP/s | MFU | HFU | turn CV "
-             "| unpad | allocator |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| model | variant | samples/s | tokens/s | × seed | × plain | × plain, by round | padded len | model GFLOP/s "
+             "| MFU | HFU | turn CV | unpad | allocator |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for model, variants in res.get("throughput", {}).items():
         base = variants["seed"]["samples_per_s"] if "seed" in variants else None  # --variants may leave it out
         for name, s in variants.items():
@@ -549,11 +563,13 @@ def render_markdown(res: dict) -> str:
             plain = max((v for k, v in variants.items() if k in PLAIN and DTYPE[k] == DTYPE[name]),
                         key=lambda v: v["samples_per_s"], default=None)
             vs_plain = f"{s['samples_per_s'] / plain['samples_per_s']:.2f}" if plain else "-"
+            by_round = paired_ratio(s, plain) if plain else None
+            by_round = f"{by_round:.2f}" if by_round else "-"
             vs_seed = f"{s['samples_per_s'] / base:.2f}" if base else "-"
             unpadded = str(s.get("unpad") or "-").startswith("on")
             hfu = (s["model_flops_per_s"] if unpadded else s["hardware_flops_per_s"]) / peak
             lines.append(f"| {model} | {name} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {vs_seed} | "
-                         f"{vs_plain} | {s['mean_padded_length']:.0f} | {s['model_flops_per_s'] / 1e9:.0f} | "
+                         f"{vs_plain} | {by_round} | {s['mean_padded_length']:.0f} | {s['model_flops_per_s'] / 1e9:.0f} | "
                          f"{s['model_flops_per_s'] / peak:.1%} | {hfu:.1%} | {cv} | {s.get('unpad') or '-'} | {s['allocator']} |")
     for model, variants in res.get("throughput", {}).items():
         auto, picked = variants.get("fast-auto"), variants.get(f"fast-{res.get('auto_precision', AUTO)}")
