@@ -549,27 +549,31 @@ def render_markdown(res: dict) -> str:
              "variant's dtype; HFU counts the tokens the encoder's dense layers computed (the padded ones, "
              "unless unpadded; unpadded, the up to 15 padding tokens a batch's rows are rounded up with "
              "are left out). × plain: against the faster plain transformers Trainer variant (sdpa or eager "
-             "attention) in the same dtype (same data, batches, seed, flags and maths); × plain, by round: the median over "
+             "attention) in the same dtype (same data, batches, seed, flags and maths); by round: the median over "
              "the rounds of the two variants' rates in the same round (load that lasts a round hits both). "
              "Turn CV: spread of the variant's rate across its turns (machine noise).", "",
-             "| model | variant | samples/s | tokens/s | × seed | × plain | × plain, by round | padded len | model GFLOP/s "
-             "| MFU | HFU | turn CV | unpad | allocator |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| model | variant | samples/s | tokens/s | × seed | × seed, by round | × plain | × plain, by round | padded len "
+             "| model GFLOP/s | MFU | HFU | turn CV | unpad | allocator |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for model, variants in res.get("throughput", {}).items():
-        base = variants["seed"]["samples_per_s"] if "seed" in variants else None  # --variants may leave it out
+        seed = variants.get("seed")  # --variants may leave it out
+        base = seed["samples_per_s"] if seed else None
+        # fast-auto's dtype as the run picked it (rendering elsewhere must not re-decide it)
+        dtype = {**DTYPE, "fast-auto": res.get("auto_precision", AUTO)}
         for name, s in variants.items():
-            peak = peaks[DTYPE[name]]
+            peak = peaks[dtype[name]]
             cv = f"{s['turn_rate_cv']:.0%}" if s["turn_rate_cv"] is not None else "-"
-            plain = max((v for k, v in variants.items() if k in PLAIN and DTYPE[k] == DTYPE[name]),
+            plain = max((v for k, v in variants.items() if k in PLAIN and dtype[k] == dtype[name]),
                         key=lambda v: v["samples_per_s"], default=None)
             vs_plain = f"{s['samples_per_s'] / plain['samples_per_s']:.2f}" if plain else "-"
-            by_round = paired_ratio(s, plain) if plain else None
-            by_round = f"{by_round:.2f}" if by_round else "-"
+            by_round, seed_by_round = (paired_ratio(s, peer) if peer else None for peer in (plain, seed))
+            by_round, seed_by_round = (f"{r:.2f}" if r else "-" for r in (by_round, seed_by_round))
             vs_seed = f"{s['samples_per_s'] / base:.2f}" if base else "-"
             unpadded = str(s.get("unpad") or "-").startswith("on")
             hfu = (s["model_flops_per_s"] if unpadded else s["hardware_flops_per_s"]) / peak
             lines.append(f"| {model} | {name} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {vs_seed} | "
-                         f"{vs_plain} | {by_round} | {s['mean_padded_length']:.0f} | {s['model_flops_per_s'] / 1e9:.0f} | "
+                         f"{seed_by_round} | {vs_plain} | {by_round} | {s['mean_padded_length']:.0f} | "
+                         f"{s['model_flops_per_s'] / 1e9:.0f} | "
                          f"{s['model_flops_per_s'] / peak:.1%} | {hfu:.1%} | {cv} | {s.get('unpad') or '-'} | {s['allocator']} |")
     for model, variants in res.get("throughput", {}).items():
         auto, picked = variants.get("fast-auto"), variants.get(f"fast-{res.get('auto_precision', AUTO)}")

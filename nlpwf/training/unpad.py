@@ -152,7 +152,7 @@ class Groups:
             index = torch.where(valid, first + slot, first)
             keys = valid & real[index]
             mask = torch.zeros(keys.shape, dtype=dtype).masked_fill_(~keys, torch.finfo(dtype).min)
-            mask = mask[:, None, None, :].expand(len(seqs), heads, width, width).reshape(-1, width, width)
+            mask = mask[:, None, None, :].expand(len(seqs), heads, 1, width).reshape(-1, 1, width)  # baddbmm broadcasts it
             # where each slot sits in the padded (batch, length) layout: for the padded model's dropout masks
             position = pack.index.index_select(0, index.flatten()).view(index.shape) % pack.length
             self.groups.append((seqs, width, index.flatten(), mask, position))
