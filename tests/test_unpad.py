@@ -162,10 +162,10 @@ def test_attention_groups_pad_each_group_only_to_its_longest():
     assert sum(rows) == len(pack.index) == 80
     groups = unpad.Groups(pack, mask, heads=4, dtype=torch.float32)
     by_length = sorted(range(len(lengths)), key=lambda i: -rows[i])
-    assert [g[0].tolist() for g in groups.groups] == [by_length[:4], by_length[4:8], by_length[8:]]
-    assert [g[1] for g in groups.groups] == [rows[by_length[0]], rows[by_length[4]], rows[by_length[8]]]
+    assert [g.seqs.tolist() for g in groups.groups] == [by_length[:4], by_length[4:8], by_length[8:]]
+    assert [g.width for g in groups.groups] == [rows[by_length[0]], rows[by_length[4]], rows[by_length[8]]]
     assert len(set(groups.back.tolist())) == len(pack.index)
-    widths = [g[1] for g in unpad.Groups(pack, mask, heads=4, dtype=torch.bfloat16).groups]
+    widths = [g.width for g in unpad.Groups(pack, mask, heads=4, dtype=torch.bfloat16).groups]
     assert all(w % unpad.ROWS == 0 for w in widths) and widths[-1] < widths[0]
 
 

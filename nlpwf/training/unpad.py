@@ -21,6 +21,8 @@ for) runs the model's own forward.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_flash_attention_utils import _pad_input
@@ -119,6 +121,32 @@ class Packing:
         return _pad_input(packed, self.index, self.batch, self.length)
 
 
+class Group(NamedTuple):
+    seqs: torch.Tensor      # the group's sequences (rows of the batch)
+    width: int              # its padded length
+    index: torch.Tensor     # (sequences x width) packed token read into each slot
+    mask: torch.Tensor      # additive key mask, (sequences x heads, 1, width)
+    position: torch.Tensor  # (sequences, width): each slot's position in the padded layout
+
+
+class PaddedAttention:
+    """Evaluation: the model's own attention implementation (sdpa or eager) and 4D mask on the
+    batch's padded layout, as the padded model runs it."""
+
+    def __init__(self, pack: Packing, config, attention_mask: torch.Tensor, dtype):
+        self.pack = pack
+        self.function = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+        # the public helper BertModel's forward calls (its private wrapper changed its signature in transformers 5.25)
+        self.mask = create_bidirectional_mask(config=config, attention_mask=attention_mask,
+                                              inputs_embeds=torch.empty((pack.batch, pack.length, 0), dtype=dtype))
+
+    def attend(self, qkv: torch.Tensor, sa) -> torch.Tensor:
+        pack = self.pack
+        q, k, v = pack.scatter(qkv).view(pack.batch, pack.length, 3, -1, sa.attention_head_size).permute(2, 0, 3, 1, 4).unbind(0)
+        out, _ = self.function(sa, q, k, v, self.mask, dropout=0.0, scaling=sa.scaling)
+        return pack.gather(out.reshape(pack.batch, pack.length, -1))
+
+
 class Groups:
     """The batch's sequences sorted by packed length and cut into groups of `size`, each padded
     only to its own longest: training attention runs on these (`attend`) instead of on the
@@ -155,7 +183,7 @@ class Groups:
             mask = mask[:, None, None, :].expand(len(seqs), heads, 1, width).reshape(-1, 1, width)  # baddbmm broadcasts it
             # where each slot sits in the padded (batch, length) layout: for the padded model's dropout masks
             position = pack.index.index_select(0, index.flatten()).view(index.shape) % pack.length
-            self.groups.append((seqs, width, index.flatten(), mask, position))
+            self.groups.append(Group(seqs, width, index.flatten(), mask, position))
             back_rows.append(index[valid])
             back_slots.append(offset + valid.flatten().nonzero().flatten())
             offset += valid.numel()
@@ -163,11 +191,11 @@ class Groups:
         self.back = torch.empty(len(pack.index), dtype=torch.long)
         self.back[torch.cat(back_rows)] = torch.cat(back_slots)
 
-    def attend(self, qkv: torch.Tensor, head_size: int, scaling: float, dropout: torch.nn.Dropout) -> torch.Tensor:
-        """Attention of packed (tokens, 3 x hidden) Q/K/V rows, as transformers' eager attention
-        computes it on the padded layout: scaled scores plus the mask, softmax in fp32, dropout
-        with the padded model's mask, times V. Returns (tokens, hidden)."""
-        pack, heads = self.pack, self.heads
+    def attend(self, qkv: torch.Tensor, sa) -> torch.Tensor:
+        """Attention of packed (tokens, 3 x hidden) Q/K/V rows for BertSelfAttention `sa`, as
+        transformers' eager attention computes it on the padded layout: scaled scores plus the
+        mask, softmax in fp32, dropout with the padded model's mask, times V. Returns (tokens, hidden)."""
+        pack, heads, head_size, dropout = self.pack, self.heads, sa.attention_head_size, sa.dropout
         keep = _bernoulli((pack.batch, heads, pack.length, pack.length), dropout.p) if _draws(dropout) else None
         outs = []
         for seqs, width, index, mask, position in self.groups:
@@ -175,7 +203,7 @@ class Groups:
             x = qkv.index_select(0, index).view(n, width, 3, heads, head_size).permute(2, 0, 3, 1, 4)
             q, k, v = (t.reshape(n * heads, width, head_size) for t in x.unbind(0))
             # the scaling and the mask inside the matmul: one pass over the scores instead of three
-            probs = torch.softmax(torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scaling), dim=-1, dtype=torch.float32)
+            probs = torch.softmax(torch.baddbmm(mask, q, k.transpose(1, 2), alpha=sa.scaling), dim=-1, dtype=torch.float32)
             if keep is not None:
                 h = torch.arange(heads)[None, :, None, None]
                 cut = keep[seqs[:, None, None, None], h, position[:, None, :, None], position[:, None, None, :]]
@@ -214,11 +242,7 @@ class UnpaddedBertModel(BertModel):
             # than sdpa, whose math path (the only one with dropout) upcasts bf16 and checks for fully masked rows
             attention = Groups(pack, attention_mask, self.config.num_attention_heads, _compute_dtype(x))
         else:
-            # the model's own implementation and 4D mask on the padded layout (the public helper its
-            # forward calls: BertModel's private wrapper changed its signature in transformers 5.25)
-            attention = (ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward),
-                         create_bidirectional_mask(config=self.config, attention_mask=attention_mask,
-                                                   inputs_embeds=torch.empty((pack.batch, pack.length, 0), dtype=x.dtype)))
+            attention = PaddedAttention(pack, self.config, attention_mask, x.dtype)
         for layer in self.encoder.layer:
             x = self._layer(layer, pack, x, attention)
         pooled = self.pooler(x.index_select(0, pack.first).unsqueeze(1)) if self.pooler is not None else None
@@ -267,26 +291,20 @@ class UnpaddedBertModel(BertModel):
 
     def _layer(self, layer, pack: Packing, x: torch.Tensor, attention) -> torch.Tensor:
         """BertLayer.forward on packed tokens: attention on groups or the padded layout, the rest packed."""
-        a = self._self_attention(layer.attention.self, pack, x, attention)
+        a = self._self_attention(layer.attention.self, x, attention)
         out = layer.attention.output
         h = out.LayerNorm(self._dropout(out.dense(a), out.dropout, pack) + x)
         i = layer.intermediate(h)
         out = layer.output
         return out.LayerNorm(self._dropout(out.dense(i), out.dropout, pack) + h)
 
-    def _self_attention(self, sa, pack: Packing, x: torch.Tensor, attention) -> torch.Tensor:
+    def _self_attention(self, sa, x: torch.Tensor, attention) -> torch.Tensor:
         # Q, K and V from one matmul over the stacked weights: the same dot products, but one
         # GEMM three times as wide, one bf16 cast of x and one scatter or gather instead of three each
         projections = (sa.query, sa.key, sa.value)
         weight = torch.cat([p.weight for p in projections])
         bias = torch.cat([p.bias for p in projections]) if sa.query.bias is not None else None
-        qkv = torch.nn.functional.linear(x, weight, bias)
-        if isinstance(attention, Groups):
-            return attention.attend(qkv, sa.attention_head_size, sa.scaling, sa.dropout)
-        function, mask = attention
-        q, k, v = pack.scatter(qkv).view(pack.batch, pack.length, 3, -1, sa.attention_head_size).permute(2, 0, 3, 1, 4).unbind(0)
-        out, _ = function(sa, q, k, v, mask, dropout=0.0, scaling=sa.scaling)
-        return pack.gather(out.reshape(pack.batch, pack.length, -1))
+        return attention.attend(torch.nn.functional.linear(x, weight, bias), sa)
 
 
 def _draws(module: torch.nn.Dropout) -> bool:
