@@ -86,15 +86,19 @@ WARMUP_STEPS = 3  # first steps pay for allocation and oneDNN kernel selection (
 
 # ---- FLOPs ---------------------------------------------------------------------------------
 
-def train_flops(model: str, batches: list) -> tuple[float, float]:
-    """(model FLOPs on the real tokens, FLOPs actually computed on padded tokens) for training
-    steps: 3x the forward's matmuls (QKV, output, FFN: 2*(4H^2 + 2HI) per token per layer) plus
-    attention (4*L^2*H per sequence per layer). Embedding lookups and the head are negligible."""
+def train_flops(model: str, batches: list) -> tuple[float, float, float]:
+    """(model FLOPs on the real tokens, FLOPs computed on padded tokens, FLOPs computed unpadded
+    with the last layer for the pooled token only) for training steps: 3x the forward's matmuls
+    (QKV, output, FFN: 2*(4H^2 + 2HI) per token per layer) plus attention (4*L^2*H per sequence per
+    layer). In that last layer only keys and values (2*2H^2) are computed for every token, the
+    rest for each sequence's first, whose attention is one row (4*L*H). Embedding lookups and the
+    head are negligible."""
     layers, h, i = ARCH[model]
     per_token, per_sq = 2 * (4 * h * h + 2 * h * i), 4 * h
     useful = sum(per_token * s + per_sq * s2 for _, _, _, _, s, s2 in batches)
     padded = sum(n * (per_token * p + per_sq * p * p) for n, p, *_ in batches)
-    return 3 * layers * useful, 3 * layers * padded
+    left_out = sum((per_token - 2 * 2 * h * h) * (s - n) + per_sq * (s2 - s) for n, _, _, _, s, s2 in batches)
+    return 3 * layers * useful, 3 * layers * padded, 3 * (layers * useful - left_out)
 
 
 def peak_gemm(dtype_name: str, n: int, reps: int) -> float:
@@ -314,7 +318,7 @@ def throughput_stats(model: str, run: dict, warmup: int = WARMUP_STEPS) -> dict:
         raise RuntimeError(f"{model}: only {n} steps measured; give the variants more time")
     seconds = steps[n - 1] - steps[warmup]
     window = batches[warmup + 1:n]
-    useful, padded = train_flops(model, window)
+    useful, padded, pooled_only = train_flops(model, window)
     samples = sum(b[0] for b in window)
     real_tokens = sum(b[4] for b in window)
     padded_tokens = sum(b[0] * b[1] for b in window)
@@ -329,6 +333,7 @@ def throughput_stats(model: str, run: dict, warmup: int = WARMUP_STEPS) -> dict:
     return {"steps": len(window), "seconds": seconds, "samples_per_s": samples / seconds,
             "tokens_per_s": real_tokens / seconds, "padded_tokens_per_s": padded_tokens / seconds,
             "model_flops_per_s": useful / seconds, "hardware_flops_per_s": padded / seconds,
+            "pooled_only_flops_per_s": pooled_only / seconds,
             "mean_padded_length": padded_tokens / samples,
             "turn_rate_cv": statistics.pstdev(rates) / statistics.mean(rates) if len(rates) > 1 else None,
             "turn_rates": turn_rates,
@@ -546,9 +551,9 @@ def render_markdown(res: dict) -> str:
     if res.get("throughput"):
         lines += ["", "## Throughput", "",
              "Tokens are real (non-pad) tokens; MFU = model FLOP/s on real tokens / matmul peak of the "
-             "variant's dtype; HFU counts the tokens the encoder's dense layers computed (the padded ones, "
-             "unless unpadded; unpadded, the up to 15 padding tokens a batch's rows are rounded up with "
-             "are left out). × plain: against the faster plain transformers Trainer variant (sdpa or eager "
+             "variant's dtype; HFU counts what the encoder's dense layers computed: the padded tokens, unless "
+             "unpadded (then the up to 15 padding tokens a batch's rows are rounded up with are left out, and "
+             "where the last layer computes only the pooled token, all it leaves out). × plain: against the faster plain transformers Trainer variant (sdpa or eager "
              "attention) in the same dtype (same data, batches, seed, flags and maths); by round: the median over "
              "the rounds of the two variants' rates in the same round (load that lasts a round hits both). "
              "Turn CV: spread of the variant's rate across its turns (machine noise).", "",
@@ -569,8 +574,10 @@ def render_markdown(res: dict) -> str:
             by_round, seed_by_round = (paired_ratio(s, peer) if peer else None for peer in (plain, seed))
             by_round, seed_by_round = (f"{r:.2f}" if r else "-" for r in (by_round, seed_by_round))
             vs_seed = f"{s['samples_per_s'] / base:.2f}" if base else "-"
-            unpadded = str(s.get("unpad") or "-").startswith("on")
-            hfu = (s["model_flops_per_s"] if unpadded else s["hardware_flops_per_s"]) / peak
+            unpad = str(s.get("unpad") or "-")
+            computed = (s["hardware_flops_per_s"] if not unpad.startswith("on") else
+                        s["pooled_only_flops_per_s"] if "pooled" in unpad else s["model_flops_per_s"])
+            hfu = computed / peak
             lines.append(f"| {model} | {name} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {vs_seed} | "
                          f"{seed_by_round} | {vs_plain} | {by_round} | {s['mean_padded_length']:.0f} | "
                          f"{s['model_flops_per_s'] / 1e9:.0f} | "

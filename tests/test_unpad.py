@@ -181,6 +181,42 @@ def test_grouped_attention_keeps_the_padded_maths_with_holes_in_the_mask():
     assert_same(*both(model, inputs, bf16=True), tol=3e-2)
 
 
+def test_a_classifier_computes_its_last_layer_for_the_pooled_token_only():
+    """In the classifier's forward (the head reads only the pooled first token) the last layer's
+    feed-forward sees one row a sequence, in training and evaluation, and the step is still the
+    padded one (the tests above run through it too; here with dropout drawn in that layer). The
+    encoder called on its own computes and returns every token, as does the classifier's forward
+    after one that raised."""
+    model = tiny_bert(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    inputs = batch(LENGTHS)
+    rows = []
+    for layer in model.bert.encoder.layer:
+        layer.intermediate.dense.register_forward_hook(lambda m, args, out: rows.append(args[0].numel() // args[0].shape[-1]))
+    padded, unpadded = both(model, inputs)
+    assert rows == [140, 140, 80, len(LENGTHS)]  # padded (7 x 20 tokens), then packed (80 rows) and the pooled ones
+    assert_same(padded, unpadded, tol=1e-5)
+
+    assert unpad.apply(model) is None and unpad.pooled_only_applied(model)
+    rows.clear()
+    with torch.no_grad():
+        logits = model.eval()(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        assert rows == [80, len(LENGTHS)]
+        unpad.remove(model)
+        assert torch.allclose(logits, model(**{k: v for k, v in inputs.items() if k != "labels"}).logits, atol=1e-5)
+        full = model.bert(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]).last_hidden_state
+        unpad.apply(model)
+        rows.clear()
+        alone = model.bert(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]).last_hidden_state
+        assert rows == [80, 80] and alone.shape == full.shape
+        real = inputs["attention_mask"].bool()
+        assert torch.allclose(alone[real], full[real], atol=1e-5)
+        with pytest.raises(ValueError, match="batch_size"):
+            model(**{**inputs, "labels": torch.zeros(3, dtype=torch.long)})  # wrong label count: the loss raises
+        assert model.bert.pooled_only is False
+    unpad.remove(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
 def test_batches_it_cannot_pack_run_the_models_own_forward():
     model = tiny_bert()
     unpad.apply(model)
@@ -225,6 +261,9 @@ def test_the_model_saves_and_reloads_as_the_plain_bert(tmp_path):
 
 # ---- end to end: perf.unpad on and off, the same loss trace ------------------------------
 
+POOLED = "on, last layer for the pooled token only"  # a sequence classifier's metrics.json
+
+
 def losses(job) -> list[float]:
     with (job / "train_log.csv").open() as f:
         return [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
@@ -243,7 +282,7 @@ def test_training_with_and_without_unpad_gives_the_same_loss_trace(tmp_path, pre
     """Dropout on (the tiny BERT's 0.1): the same masks either way, so the traces agree step by step."""
     on, on_losses = train(tmp_path, "on", f"precision={precision}", "perf.unpad=true")
     off, off_losses = train(tmp_path, "off", f"precision={precision}", "perf.unpad=false")
-    assert on["perf_unpad"] == "on" and on["perf_unpadded_batches"] == on["perf_train_batches"] > 0
+    assert on["perf_unpad"] == POOLED and on["perf_unpadded_batches"] == on["perf_train_batches"] > 0
     assert off["perf_unpad"] == "off" and off["perf_unpadded_batches"] == 0
     assert len(on_losses) == len(off_losses) == 4 and len(set(on_losses)) > 1
     assert max(abs(a - b) for a, b in zip(on_losses, off_losses)) < tol
@@ -255,6 +294,6 @@ def test_ddp_training_with_and_without_unpad_gives_the_same_loss_trace(tmp_path)
     ddp = ["compute.processes_per_node=2", "training.per_device_train_batch_size=8"]
     on, on_losses = train(tmp_path, "on", *ddp, "perf.unpad=true")
     off, off_losses = train(tmp_path, "off", *ddp, "perf.unpad=false")
-    assert on["perf_unpad"] == "on" and on["world_size"] == 2
+    assert on["perf_unpad"] == POOLED and on["world_size"] == 2
     assert on["parameter_digests"][0] == on["parameter_digests"][1]
     assert max(abs(a - b) for a, b in zip(on_losses, off_losses)) < 1e-4

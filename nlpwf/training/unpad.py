@@ -10,6 +10,11 @@ its own longest (see Groups), and in evaluation on the batch's padded layout wit
 own implementation (sdpa or eager) and mask. Nothing else changes: same modules, same
 parameters, same checkpoints, and a model that saves and reloads as a plain BERT.
 
+In a sequence classifier's forward, whose head reads only the pooled first token, the last
+layer computes only what reaches that token: keys and values for every token, and the query,
+attention, output and feed-forward of each sequence's first token alone (see `pooled_only`).
+In MiniLM-L6 that is a sixth of the encoder's dense maths, 10/12 of it left out, none of it read.
+
 The maths is the padded model's. A pad token never reaches a real one (its key is masked), the
 sequence classifier reads the first token, and the hidden states returned hold zeros at the
 padding left out, so the padded rows only ever fed themselves. Dropout masks are drawn over the padded
@@ -28,7 +33,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_flash_attention_utils import _pad_input
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.bert.modeling_bert import BertModel, eager_attention_forward
+from transformers.models.bert.modeling_bert import BertForSequenceClassification, BertModel, eager_attention_forward
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 # Keyword arguments that change nothing the encoder computes (Trainer passes the loss's token count).
@@ -36,6 +41,8 @@ IGNORED_KWARGS = {"return_dict", "num_items_in_batch"}
 ROWS = 16  # packed token rows are rounded up to a multiple of this (see Packing)
 GROUP = 4  # training attention runs on groups of this many sequences of similar length (see Groups)
 ATTENTION = ("sdpa", "eager")  # implementations that take a padded 4D mask; flex/flash index differently
+# Heads whose forward reads nothing of the encoder's output but the pooled first token (outputs[1]).
+POOLED_HEADS = (BertForSequenceClassification,)
 
 
 def unsupported(model) -> str | None:
@@ -70,19 +77,46 @@ def apply(model) -> str | None:
         base = model.base_model
         base.__class__ = UnpaddedBertModel
         base.unpad_batches = [0, 0]
+        base.pooled_only = False
         # transformers records hidden states and attentions by the model's class name: the same as BertModel's
         _CAN_RECORD_REGISTRY[base] = getattr(base, "_can_record_outputs", None)
+        if type(model) in POOLED_HEADS and "pooled_only_hooks" not in base.__dict__:
+            base.pooled_only_hooks = pooled_only(model)
     return reason
 
 
 def remove(model) -> None:
-    if type(getattr(model, "base_model", None)) is UnpaddedBertModel:
-        model.base_model.__class__ = BertModel
+    base = getattr(model, "base_model", None)
+    if type(base) is UnpaddedBertModel:
+        for hook in base.__dict__.pop("pooled_only_hooks", ()):
+            hook.remove()
+        base.__class__ = BertModel
+
+
+def pooled_only(model) -> tuple:
+    """Let `model`'s encoder compute only the pooled first token in its last layer while `model`
+    runs its forward (and only then: the encoder called on its own returns every token). Hooks,
+    so that the head's own forward runs unchanged; the flag is cleared even if it raises."""
+    base = model.base_model
+
+    def on(module, args):
+        base.pooled_only = True
+
+    def off(module, args, output):
+        base.pooled_only = False
+
+    return model.register_forward_pre_hook(on), model.register_forward_hook(off, always_call=True)
 
 
 def is_applied(model) -> bool:
     model = getattr(model, "module", model)  # DDP
     return type(getattr(model, "base_model", None)) is UnpaddedBertModel
+
+
+def pooled_only_applied(model) -> bool:
+    """Whether `model`'s forward computes its last layer for the pooled token only (see pooled_only)."""
+    model = getattr(model, "module", model)  # DDP
+    return is_applied(model) and "pooled_only_hooks" in model.base_model.__dict__
 
 
 def counts(model) -> dict:
@@ -146,6 +180,15 @@ class PaddedAttention:
         out, _ = self.function(sa, q, k, v, self.mask, dropout=0.0, scaling=sa.scaling)
         return pack.gather(out.reshape(pack.batch, pack.length, -1))
 
+    def attend_first(self, q: torch.Tensor, kv: torch.Tensor, sa) -> torch.Tensor:
+        """Attention of each sequence's first token: its query `q` (batch, hidden), packed K/V rows."""
+        pack = self.pack
+        k, v = pack.scatter(kv).view(pack.batch, pack.length, 2, -1, sa.attention_head_size).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q.view(pack.batch, 1, -1, sa.attention_head_size).transpose(1, 2)
+        mask = None if self.mask is None else self.mask[..., :1, :]
+        out, _ = self.function(sa, q, k, v, mask, dropout=0.0, scaling=sa.scaling)
+        return out.reshape(pack.batch, -1)
+
 
 class Groups:
     """The batch's sequences sorted by packed length and cut into groups of `size`, each padded
@@ -187,9 +230,11 @@ class Groups:
             back_rows.append(index[valid])
             back_slots.append(offset + valid.flatten().nonzero().flatten())
             offset += valid.numel()
-        # each packed token's row in the groups' outputs, concatenated
+        # each packed token's row in the groups' outputs, concatenated; each sequence's row among the groups'
         self.back = torch.empty(len(pack.index), dtype=torch.long)
         self.back[torch.cat(back_rows)] = torch.cat(back_slots)
+        self.back_seqs = torch.empty_like(order)
+        self.back_seqs[order] = torch.arange(pack.batch)
 
     def attend(self, qkv: torch.Tensor, sa) -> torch.Tensor:
         """Attention of packed (tokens, 3 x hidden) Q/K/V rows for BertSelfAttention `sa`, as
@@ -211,6 +256,24 @@ class Groups:
             out = torch.bmm(probs.to(v.dtype), v)
             outs.append(out.view(n, heads, width, head_size).transpose(1, 2).reshape(n * width, heads * head_size))
         return torch.cat(outs).index_select(0, self.back)
+
+    def attend_first(self, q: torch.Tensor, kv: torch.Tensor, sa) -> torch.Tensor:
+        """`attend` for each sequence's first token only: its query `q` (batch, hidden), in batch
+        order, over packed (tokens, 2 x hidden) K/V rows. Returns (batch, hidden)."""
+        pack, heads, head_size, dropout = self.pack, self.heads, sa.attention_head_size, sa.dropout
+        keep = _bernoulli((pack.batch, heads, pack.length, pack.length), dropout.p) if _draws(dropout) else None
+        outs = []
+        for seqs, width, index, mask, position in self.groups:
+            n = len(seqs)
+            k, v = (t.reshape(n * heads, width, head_size)
+                    for t in kv.index_select(0, index).view(n, width, 2, heads, head_size).permute(2, 0, 3, 1, 4).unbind(0))
+            query = q.index_select(0, seqs).view(n * heads, 1, head_size)
+            probs = torch.softmax(torch.baddbmm(mask, query, k.transpose(1, 2), alpha=sa.scaling), dim=-1, dtype=torch.float32)
+            if keep is not None:  # the first token is at position 0 of the padded layout: its row of the mask
+                cut = keep[seqs[:, None, None], torch.arange(heads)[None, :, None], 0, position[:, None, :]]
+                probs = _apply_mask(probs, cut.reshape(n * heads, 1, width), dropout.p)
+            outs.append(torch.bmm(probs.to(v.dtype), v).view(n, heads * head_size))
+        return torch.cat(outs).index_select(0, self.back_seqs)
 
 
 def _bernoulli(shape, p: float) -> torch.Tensor:
@@ -243,10 +306,16 @@ class UnpaddedBertModel(BertModel):
             attention = Groups(pack, attention_mask, self.config.num_attention_heads, _compute_dtype(x))
         else:
             attention = PaddedAttention(pack, self.config, attention_mask, x.dtype)
-        for layer in self.encoder.layer:
+        layers = self.encoder.layer
+        first_only = self.__dict__.get("pooled_only", False) and self.pooler is not None and len(layers) > 0
+        for layer in layers[:-1] if first_only else layers:
             x = self._layer(layer, pack, x, attention)
-        pooled = self.pooler(x.index_select(0, pack.first).unsqueeze(1)) if self.pooler is not None else None
-        sequence = pack.scatter(x)
+        if first_only:  # the head reads only the pooled first token (see pooled_only): (batch, 1, hidden) is all there is
+            sequence = self._layer(layers[-1], pack, x, attention, first_only=True).unsqueeze(1)
+            pooled = self.pooler(sequence)
+        else:
+            pooled = self.pooler(x.index_select(0, pack.first).unsqueeze(1)) if self.pooler is not None else None
+            sequence = pack.scatter(x)
         if kwargs.get("return_dict") is False:
             return (sequence, pooled)
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=sequence, pooler_output=pooled)
@@ -264,13 +333,14 @@ class UnpaddedBertModel(BertModel):
         return not bool(attention_mask.all())  # no padding: nothing to remove
 
     @staticmethod
-    def _dropout(x: torch.Tensor, module: torch.nn.Dropout, pack: Packing) -> torch.Tensor:
-        """`module(x)` for packed `x` with the padded model's mask: drawn over the padded shape,
-        then its real tokens' rows kept."""
+    def _dropout(x: torch.Tensor, module: torch.nn.Dropout, pack: Packing, first_only: bool = False) -> torch.Tensor:
+        """`module(x)` for packed `x` (or only the sequences' first tokens) with the padded model's
+        mask: drawn over the padded shape, then the rows of the tokens in `x` kept."""
         if not _draws(module):
             return module(x)  # identity, or zeros for p=1: no draw either way
         keep = _bernoulli((pack.batch * pack.length, *x.shape[1:]), module.p)
-        return _apply_mask(x, keep.index_select(0, pack.index), module.p)
+        rows = pack.index.index_select(0, pack.first) if first_only else pack.index
+        return _apply_mask(x, keep.index_select(0, rows), module.p)
 
     def _embed(self, pack: Packing, input_ids, token_type_ids, position_ids) -> torch.Tensor:
         """BertEmbeddings.forward on the real tokens."""
@@ -289,22 +359,29 @@ class UnpaddedBertModel(BertModel):
         x = emb.LayerNorm(x)
         return self._dropout(x, emb.dropout, pack)
 
-    def _layer(self, layer, pack: Packing, x: torch.Tensor, attention) -> torch.Tensor:
-        """BertLayer.forward on packed tokens: attention on groups or the padded layout, the rest packed."""
-        a = self._self_attention(layer.attention.self, x, attention)
+    def _layer(self, layer, pack: Packing, x: torch.Tensor, attention, first_only: bool = False) -> torch.Tensor:
+        """BertLayer.forward on packed tokens: attention on groups or the padded layout, the rest
+        packed. `first_only`: the output of each sequence's first token alone, (batch, hidden)."""
+        a = self._self_attention(layer.attention.self, pack, x, attention, first_only)
+        if first_only:
+            x = x.index_select(0, pack.first)
         out = layer.attention.output
-        h = out.LayerNorm(self._dropout(out.dense(a), out.dropout, pack) + x)
+        h = out.LayerNorm(self._dropout(out.dense(a), out.dropout, pack, first_only) + x)
         i = layer.intermediate(h)
         out = layer.output
-        return out.LayerNorm(self._dropout(out.dense(i), out.dropout, pack) + h)
+        return out.LayerNorm(self._dropout(out.dense(i), out.dropout, pack, first_only) + h)
 
-    def _self_attention(self, sa, x: torch.Tensor, attention) -> torch.Tensor:
+    @staticmethod
+    def _self_attention(sa, pack: Packing, x: torch.Tensor, attention, first_only: bool) -> torch.Tensor:
         # Q, K and V from one matmul over the stacked weights: the same dot products, but one
         # GEMM three times as wide, one bf16 cast of x and one scatter or gather instead of three each
-        projections = (sa.query, sa.key, sa.value)
+        projections = (sa.key, sa.value) if first_only else (sa.query, sa.key, sa.value)
         weight = torch.cat([p.weight for p in projections])
         bias = torch.cat([p.bias for p in projections]) if sa.query.bias is not None else None
-        return attention.attend(torch.nn.functional.linear(x, weight, bias), sa)
+        stacked = torch.nn.functional.linear(x, weight, bias)
+        if first_only:
+            return attention.attend_first(sa.query(x.index_select(0, pack.first)), stacked, sa)
+        return attention.attend(stacked, sa)
 
 
 def _draws(module: torch.nn.Dropout) -> bool:
