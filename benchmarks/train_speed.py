@@ -553,7 +553,8 @@ def render_markdown(res: dict) -> str:
              "Tokens are real (non-pad) tokens; MFU = model FLOP/s on real tokens / matmul peak of the "
              "variant's dtype; HFU counts what the encoder's dense layers computed: the padded tokens, unless "
              "unpadded (then the up to 15 padding tokens a batch's rows are rounded up with are left out, and "
-             "where the last layer computes only the pooled token, all it leaves out). × plain: against the faster plain transformers Trainer variant (sdpa or eager "
+             "where the last layer computes only the pooled token, all it leaves out). "
+             "× plain: against the faster plain transformers Trainer variant (sdpa or eager "
              "attention) in the same dtype (same data, batches, seed, flags and maths); by round: the median over "
              "the rounds of the two variants' rates in the same round (load that lasts a round hits both). "
              "Turn CV: spread of the variant's rate across its turns (machine noise).", "",
