@@ -12,10 +12,11 @@ of work's share of the step: the matmuls (dense layers and attention), drawing t
 (`bernoulli_`: torch's CPU generator is one serial stream, so this runs on one core whatever the
 thread count, and both models draw the same masks), the optimizer and clipping, and the rest.
 
-The bound: if unpadding removed the padding from everything but the mask draws, the unpadded
-step would take R + (T - R) x real/padded tokens, for a padded step of T with R spent drawing
-masks. `measured / bound` says how much of what unpadding could give it gets. Writes
-results/step_profile.md and results/step_profile.json.
+The bound: if everything but the mask draws took time in proportion to the matmul FLOPs
+computed (train_speed.py's count: the padded tokens, or the real ones with the last layer for
+the pooled token only), the unpadded step would take R + (T - R) x computed/padded FLOPs, for a
+padded step of T with R spent drawing masks. `measured / bound` says how much of what computing
+less could give it gets. Writes results/step_profile.md and results/step_profile.json.
 """
 from __future__ import annotations
 
@@ -102,6 +103,8 @@ def shares(model, optimizer, batches: list, bf16: bool) -> dict:
 def measure(dtype: str, batches: list, cfg, task, rounds: int) -> dict:
     import torch
 
+    from nlpwf.training import recorder
+
     bf16 = dtype == "bf16"
     models = {"padded": make_model(cfg, task, False), "unpadded": make_model(cfg, task, True)}
     best = {name: [float("inf")] * len(batches) for name in models}
@@ -126,7 +129,8 @@ def measure(dtype: str, batches: list, cfg, task, rounds: int) -> dict:
     prof = res["padded"]["profile_s"]
     masks = prof["dropout masks"] / sum(prof.values()) * t_pad  # the draws' share of the padded step, in wall time
     res["speedup"] = t_pad / t_unpad
-    res["bound"] = t_pad / (masks + (t_pad - masks) * real / padded_tokens)
+    _, padded_flops, computed_flops = ts.train_flops("minilm_l6", [recorder.mask_shape(b["attention_mask"]) for b in batches])
+    res["bound"] = t_pad / (masks + (t_pad - masks) * computed_flops / padded_flops)
     return res
 
 

@@ -12,7 +12,7 @@ parameters, same checkpoints, and a model that saves and reloads as a plain BERT
 
 In a sequence classifier's forward, whose head reads only the pooled first token, the last
 layer computes only what reaches that token: keys and values for every token, and the query,
-attention, output and feed-forward of each sequence's first token alone (see `pooled_only`).
+attention, output and feed-forward of each sequence's first token alone (see `hook_pooled_only`).
 In MiniLM-L6 that is a sixth of the encoder's dense maths, 10/12 of it left out, none of it read.
 
 The maths is the padded model's. A pad token never reaches a real one (its key is masked), the
@@ -81,7 +81,7 @@ def apply(model) -> str | None:
         # transformers records hidden states and attentions by the model's class name: the same as BertModel's
         _CAN_RECORD_REGISTRY[base] = getattr(base, "_can_record_outputs", None)
         if type(model) in POOLED_HEADS and "pooled_only_hooks" not in base.__dict__:
-            base.pooled_only_hooks = pooled_only(model)
+            base.pooled_only_hooks = hook_pooled_only(model)
     return reason
 
 
@@ -93,7 +93,7 @@ def remove(model) -> None:
         base.__class__ = BertModel
 
 
-def pooled_only(model) -> tuple:
+def hook_pooled_only(model) -> tuple:
     """Let `model`'s encoder compute only the pooled first token in its last layer while `model`
     runs its forward (and only then: the encoder called on its own returns every token). Hooks,
     so that the head's own forward runs unchanged; the flag is cleared even if it raises."""
@@ -114,7 +114,7 @@ def is_applied(model) -> bool:
 
 
 def pooled_only_applied(model) -> bool:
-    """Whether `model`'s forward computes its last layer for the pooled token only (see pooled_only)."""
+    """Whether `model`'s forward computes its last layer for the pooled token only (see hook_pooled_only)."""
     model = getattr(model, "module", model)  # DDP
     return is_applied(model) and "pooled_only_hooks" in model.base_model.__dict__
 
@@ -174,18 +174,16 @@ class PaddedAttention:
         self.mask = create_bidirectional_mask(config=config, attention_mask=attention_mask,
                                               inputs_embeds=torch.empty((pack.batch, pack.length, 0), dtype=dtype))
 
-    def attend(self, qkv: torch.Tensor, sa) -> torch.Tensor:
+    def attend(self, stacked: torch.Tensor, sa, first: torch.Tensor | None = None) -> torch.Tensor:
+        """As Groups.attend, with the model's own attention function on the padded layout."""
         pack = self.pack
-        q, k, v = pack.scatter(qkv).view(pack.batch, pack.length, 3, -1, sa.attention_head_size).permute(2, 0, 3, 1, 4).unbind(0)
-        out, _ = self.function(sa, q, k, v, self.mask, dropout=0.0, scaling=sa.scaling)
-        return pack.gather(out.reshape(pack.batch, pack.length, -1))
-
-    def attend_first(self, q: torch.Tensor, kv: torch.Tensor, sa) -> torch.Tensor:
-        """Attention of each sequence's first token: its query `q` (batch, hidden), packed K/V rows."""
-        pack = self.pack
-        k, v = pack.scatter(kv).view(pack.batch, pack.length, 2, -1, sa.attention_head_size).permute(2, 0, 3, 1, 4).unbind(0)
-        q = q.view(pack.batch, 1, -1, sa.attention_head_size).transpose(1, 2)
-        mask = None if self.mask is None else self.mask[..., :1, :]
+        *q, k, v = pack.scatter(stacked).view(pack.batch, pack.length, -1, sa.num_attention_heads,
+                                              sa.attention_head_size).permute(2, 0, 3, 1, 4).unbind(0)
+        if first is None:
+            out, _ = self.function(sa, q[0], k, v, self.mask, dropout=0.0, scaling=sa.scaling)
+            return pack.gather(out.reshape(pack.batch, pack.length, -1))
+        q = first.view(pack.batch, 1, -1, sa.attention_head_size).transpose(1, 2)
+        mask = None if self.mask is None else self.mask[..., :1, :]  # the first query's row
         out, _ = self.function(sa, q, k, v, mask, dropout=0.0, scaling=sa.scaling)
         return out.reshape(pack.batch, -1)
 
@@ -236,44 +234,29 @@ class Groups:
         self.back_seqs = torch.empty_like(order)
         self.back_seqs[order] = torch.arange(pack.batch)
 
-    def attend(self, qkv: torch.Tensor, sa) -> torch.Tensor:
+    def attend(self, stacked: torch.Tensor, sa, first: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of packed (tokens, 3 x hidden) Q/K/V rows for BertSelfAttention `sa`, as
         transformers' eager attention computes it on the padded layout: scaled scores plus the
-        mask, softmax in fp32, dropout with the padded model's mask, times V. Returns (tokens, hidden)."""
+        mask, softmax in fp32, dropout with the padded model's mask, times V. Returns (tokens, hidden).
+        With `first`, the queries of the sequences' first tokens alone, (batch, hidden) in batch
+        order: then `stacked` holds only K/V rows, and each sequence's output row is returned."""
         pack, heads, head_size, dropout = self.pack, self.heads, sa.attention_head_size, sa.dropout
         keep = _bernoulli((pack.batch, heads, pack.length, pack.length), dropout.p) if _draws(dropout) else None
         outs = []
         for seqs, width, index, mask, position in self.groups:
             n = len(seqs)
-            x = qkv.index_select(0, index).view(n, width, 3, heads, head_size).permute(2, 0, 3, 1, 4)
-            q, k, v = (t.reshape(n * heads, width, head_size) for t in x.unbind(0))
+            x = stacked.index_select(0, index).view(n, width, -1, heads, head_size).permute(2, 0, 3, 1, 4)
+            *q, k, v = (t.reshape(n * heads, width, head_size) for t in x.unbind(0))
+            q = q[0] if first is None else first.index_select(0, seqs).view(n * heads, 1, head_size)
             # the scaling and the mask inside the matmul: one pass over the scores instead of three
             probs = torch.softmax(torch.baddbmm(mask, q, k.transpose(1, 2), alpha=sa.scaling), dim=-1, dtype=torch.float32)
-            if keep is not None:
-                h = torch.arange(heads)[None, :, None, None]
-                cut = keep[seqs[:, None, None, None], h, position[:, None, :, None], position[:, None, None, :]]
-                probs = _apply_mask(probs, cut.reshape(n * heads, width, width), dropout.p)
+            if keep is not None:  # the mask's rows at the queries' padded positions (a first token's is 0)
+                rows = position[:, None, :, None] if first is None else 0
+                cut = keep[seqs[:, None, None, None], torch.arange(heads)[None, :, None, None], rows, position[:, None, None, :]]
+                probs = _apply_mask(probs, cut.reshape(probs.shape), dropout.p)
             out = torch.bmm(probs.to(v.dtype), v)
-            outs.append(out.view(n, heads, width, head_size).transpose(1, 2).reshape(n * width, heads * head_size))
-        return torch.cat(outs).index_select(0, self.back)
-
-    def attend_first(self, q: torch.Tensor, kv: torch.Tensor, sa) -> torch.Tensor:
-        """`attend` for each sequence's first token only: its query `q` (batch, hidden), in batch
-        order, over packed (tokens, 2 x hidden) K/V rows. Returns (batch, hidden)."""
-        pack, heads, head_size, dropout = self.pack, self.heads, sa.attention_head_size, sa.dropout
-        keep = _bernoulli((pack.batch, heads, pack.length, pack.length), dropout.p) if _draws(dropout) else None
-        outs = []
-        for seqs, width, index, mask, position in self.groups:
-            n = len(seqs)
-            k, v = (t.reshape(n * heads, width, head_size)
-                    for t in kv.index_select(0, index).view(n, width, 2, heads, head_size).permute(2, 0, 3, 1, 4).unbind(0))
-            query = q.index_select(0, seqs).view(n * heads, 1, head_size)
-            probs = torch.softmax(torch.baddbmm(mask, query, k.transpose(1, 2), alpha=sa.scaling), dim=-1, dtype=torch.float32)
-            if keep is not None:  # the first token is at position 0 of the padded layout: its row of the mask
-                cut = keep[seqs[:, None, None], torch.arange(heads)[None, :, None], 0, position[:, None, :]]
-                probs = _apply_mask(probs, cut.reshape(n * heads, 1, width), dropout.p)
-            outs.append(torch.bmm(probs.to(v.dtype), v).view(n, heads * head_size))
-        return torch.cat(outs).index_select(0, self.back_seqs)
+            outs.append(out.view(n, heads, -1, head_size).transpose(1, 2).reshape(-1, heads * head_size))
+        return torch.cat(outs).index_select(0, self.back if first is None else self.back_seqs)
 
 
 def _bernoulli(shape, p: float) -> torch.Tensor:
@@ -310,7 +293,7 @@ class UnpaddedBertModel(BertModel):
         first_only = self.__dict__.get("pooled_only", False) and self.pooler is not None and len(layers) > 0
         for layer in layers[:-1] if first_only else layers:
             x = self._layer(layer, pack, x, attention)
-        if first_only:  # the head reads only the pooled first token (see pooled_only): (batch, 1, hidden) is all there is
+        if first_only:  # the head reads only the pooled first token (see hook_pooled_only): (batch, 1, hidden) is all there is
             sequence = self._layer(layers[-1], pack, x, attention, first_only=True).unsqueeze(1)
             pooled = self.pooler(sequence)
         else:
@@ -378,10 +361,8 @@ class UnpaddedBertModel(BertModel):
         projections = (sa.key, sa.value) if first_only else (sa.query, sa.key, sa.value)
         weight = torch.cat([p.weight for p in projections])
         bias = torch.cat([p.bias for p in projections]) if sa.query.bias is not None else None
-        stacked = torch.nn.functional.linear(x, weight, bias)
-        if first_only:
-            return attention.attend_first(sa.query(x.index_select(0, pack.first)), stacked, sa)
-        return attention.attend(stacked, sa)
+        first = sa.query(x.index_select(0, pack.first)) if first_only else None
+        return attention.attend(torch.nn.functional.linear(x, weight, bias), sa, first)
 
 
 def _draws(module: torch.nn.Dropout) -> bool:
