@@ -345,9 +345,10 @@ class UnpaddedBertModel(BertModel):
     def _layer(self, layer, pack: Packing, x: torch.Tensor, attention, first_only: bool = False) -> torch.Tensor:
         """BertLayer.forward on packed tokens: attention on groups or the padded layout, the rest
         packed. `first_only`: the output of each sequence's first token alone, (batch, hidden)."""
-        a = self._self_attention(layer.attention.self, pack, x, attention, first_only)
+        first = x.index_select(0, pack.first) if first_only else None
+        a = self._self_attention(layer.attention.self, x, attention, first)
         if first_only:
-            x = x.index_select(0, pack.first)
+            x = first
         out = layer.attention.output
         h = out.LayerNorm(self._dropout(out.dense(a), out.dropout, pack, first_only) + x)
         i = layer.intermediate(h)
@@ -355,14 +356,16 @@ class UnpaddedBertModel(BertModel):
         return out.LayerNorm(self._dropout(out.dense(i), out.dropout, pack, first_only) + h)
 
     @staticmethod
-    def _self_attention(sa, pack: Packing, x: torch.Tensor, attention, first_only: bool) -> torch.Tensor:
+    def _self_attention(sa, x: torch.Tensor, attention, first: torch.Tensor | None) -> torch.Tensor:
+        """Attention of every packed token of `x`, or (`first`: the sequences' first-token rows of
+        `x`) of the first tokens only, over every token's keys and values."""
         # Q, K and V from one matmul over the stacked weights: the same dot products, but one
         # GEMM three times as wide, one bf16 cast of x and one scatter or gather instead of three each
-        projections = (sa.key, sa.value) if first_only else (sa.query, sa.key, sa.value)
+        projections = (sa.query, sa.key, sa.value) if first is None else (sa.key, sa.value)
         weight = torch.cat([p.weight for p in projections])
         bias = torch.cat([p.bias for p in projections]) if sa.query.bias is not None else None
-        first = sa.query(x.index_select(0, pack.first)) if first_only else None
-        return attention.attend(torch.nn.functional.linear(x, weight, bias), sa, first)
+        queries = None if first is None else sa.query(first)
+        return attention.attend(torch.nn.functional.linear(x, weight, bias), sa, queries)
 
 
 def _draws(module: torch.nn.Dropout) -> bool:
