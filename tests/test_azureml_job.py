@@ -66,7 +66,10 @@ def test_dry_run_snapshot_has_the_resolved_config_and_no_workspace_values(dry_ru
     snap = dry_run / "azureml" / "snapshot"
     resolved = (snap / "nlpwf_job.yaml").read_text()
     # precision=auto goes to the nodes undecided: they decide it on their own CPUs, not this machine
-    assert "precision:\n  name: auto" in resolved and "nodes: 2" in resolved and "${" not in resolved
+    assert "precision:\n  name: auto" in resolved and "nodes: 2" in resolved
+    # what the nodes run: the outputs' bindings, nothing left to resolve but Azure's own `${{...}}`
+    assert "checkpoint_dir: ${{outputs.checkpoints}}" in resolved and "resume: auto" in resolved
+    assert "${" not in resolved.replace("${{outputs.checkpoints}}", "")
     assert (snap / "nlpwf" / "cli.py").is_file() and (snap / "conf" / "config.yaml").is_file()
     job = payload.read(snap / payload.PAYLOAD_FILE)
     # nlpwf's task by reference: hydra.main's wrapper is nlpwf.cli.main, the task its __wrapped__

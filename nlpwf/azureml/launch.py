@@ -24,7 +24,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from nlpwf.azureml import emulate, storage, submit
+from nlpwf.azureml import emulate, secrets, storage, submit
 from nlpwf.azureml import job as azjob
 from nlpwf.azureml.job import JobSpec
 from nlpwf.errors import UserError
@@ -61,6 +61,18 @@ class Preparation:
         except UserError as e:  # SystemExit passes through run_job and Hydra: nothing is sent
             print(f"nlpwf: error: {e}", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
+
+
+def check_settings(settings: DictConfig) -> None:
+    """The launcher's own settings, checked when Hydra sets the launcher up, before the sweeper
+    writes multirun.yaml and before any job dir exists: a credential in the jobs' environment
+    is refused as one line (secrets.refuse_credentials), exit 2, with nothing written."""
+    try:
+        secrets.refuse_credentials(settings.get("environment_variables") or {})
+        secrets.job_environment(settings.get("key_vault"), settings.get("secrets"))
+    except UserError as e:
+        print(f"nlpwf: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 def launch(sweep: launching.Sweep, settings: DictConfig, job_overrides: Sequence[Sequence[str]],

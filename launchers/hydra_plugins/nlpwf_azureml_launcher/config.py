@@ -61,8 +61,13 @@ class AzureMLLauncherConf:
     cluster: Optional[str] = None
     workspace: WorkspaceConf = field(default_factory=WorkspaceConf)
     environment: EnvironmentConf = field(default_factory=EnvironmentConf)
-    # added to the job's own (OMP_NUM_THREADS, ...); values are strings on Azure
+    # added to the job's own (OMP_NUM_THREADS, ...); values are strings on Azure, stored with the job and
+    # shown in Studio: one that looks like a credential is refused (use key_vault and secrets instead)
     environment_variables: Dict[str, Any] = field(default_factory=dict)
+    # Secrets the job fetches itself at run time, with its cluster's managed identity: environment
+    # variable name -> secret name in this Azure Key Vault (https://VAULT.vault.azure.net). Only names are sent.
+    key_vault: Optional[str] = None
+    secrets: Dict[str, str] = field(default_factory=dict)
     # files above this size stay out of the code snapshot (data and weights belong in datastores)
     snapshot_max_file_mb: float = 20.0
     # where emulate copies the snapshot for each node; null: <job dir>/azureml/emulate, removed
