@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 
 from hydra import version
-from omegaconf import OmegaConf
 from hydra.test_utils.launcher_common_tests import BatchedSweeperTestSuite, IntegrationTestSuite, LauncherTestSuite
+from omegaconf import OmegaConf
 from pytest import fixture, mark
 
 from nlpwf.azureml import emulate, job
