@@ -1,9 +1,11 @@
 """Azurite, the Azure Storage emulator (npm package `azurite`), as a real blob server for the
 tests that upload a job's inputs and download its results.
 
-`.ci/run` installs it into tests/.azurite (`npm install --prefix tests/.azurite azurite@VERSION`);
-the fixture starts its blob service on a free localhost port (port 0: Azurite says which it
-took), in memory, waits until it answers, and kills it afterwards.
+It lives in tests/.azurite (`npm install --prefix tests/.azurite azurite@VERSION`): `.ci/run`
+installs it (`python tests/azurite.py`), and the fixture does when it is missing (Node.js and
+npm are on every machine here), so a fresh `python -m pytest` runs these tests rather than
+skipping them. The fixture starts its blob service on a free localhost port (port 0: Azurite
+says which it took), in memory, waits until it answers, and kills it afterwards.
 
 How the Azure ML side reaches it: the tests' ARM transport answers the datastore as an Azure
 Blob datastore of Azurite's well-known development account, over http. nlpwf builds its blob
@@ -25,7 +27,9 @@ import pytest
 
 from nlpwf import PROJECT_ROOT
 
-AZURITE_BLOB = PROJECT_ROOT / "tests" / ".azurite" / "node_modules" / ".bin" / "azurite-blob"
+VERSION = "3.37.0"
+PREFIX = PROJECT_ROOT / "tests" / ".azurite"
+AZURITE_BLOB = PREFIX / "node_modules" / ".bin" / "azurite-blob"
 ACCOUNT = "devstoreaccount1"
 # Azurite's development account key: published in Azurite's documentation, valid nowhere else.
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -48,10 +52,24 @@ class Azurite:
         return client
 
 
+def install() -> None:
+    """npm install of the pinned Azurite into tests/.azurite, once (a lock serialises pytest's workers)."""
+    import fcntl
+
+    PREFIX.mkdir(parents=True, exist_ok=True)
+    with open(PREFIX / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if AZURITE_BLOB.exists():
+            return
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError("npm is missing: install Node.js 20 (Azurite, the storage emulator the tests use, is an npm package)")
+        subprocess.run([npm, "install", "--prefix", str(PREFIX), "--no-audit", "--no-fund", "--silent",
+                        f"azurite@{VERSION}"], check=True, timeout=900)
+
+
 def start(timeout: float = 60) -> tuple[subprocess.Popen, str]:
-    if not AZURITE_BLOB.exists():
-        raise RuntimeError(f"{AZURITE_BLOB} is missing: run `npm install --prefix tests/.azurite azurite` "
-                           "(.ci/run does) so that the storage tests can run")
+    install()
     proc = subprocess.Popen([str(AZURITE_BLOB), "--blobHost", "127.0.0.1", "--blobPort", "0", "--inMemoryPersistence",
                              "--extentMemoryLimit", "512", "--skipApiVersionCheck", "--loose"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -140,3 +158,8 @@ def storage(via_azurite):
 
     put.blobs = blobs
     return put
+
+
+if __name__ == "__main__":  # .ci/run: install it before the tests
+    install()
+    print(f"Azurite {VERSION} in {PREFIX}")
