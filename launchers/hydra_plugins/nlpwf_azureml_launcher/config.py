@@ -76,7 +76,8 @@ class AzureMLLauncherConf:
     # How the nodes see the job's inputs (local data and models, uploaded at submit, and azureml:
     # URIs): ro_mount (read on demand) or download (copied to the node's disk before the command).
     input_mode: str = "ro_mount"
-    # The datastore of the job's checkpoints output (azureml://datastores/NAME/paths/nlpwf/checkpoints/JOB/).
+    # The blob datastore of the job's checkpoints output (azureml://datastores/NAME/paths/nlpwf/checkpoints/JOB/)
+    # and of its uploaded local inputs (LocalUpload/<content hash>/).
     datastore: str = "workspaceblobstore"
     # A job name (or an azureml://datastores/... folder): the new job writes to and resumes from that
     # job's checkpoints output (resubmitting a preempted or failed job; training.resume=auto).
