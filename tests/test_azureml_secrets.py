@@ -22,11 +22,12 @@ def every_file(root: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
 
 
-def test_a_credential_in_the_jobs_environment_is_refused_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("mode", ["hydra.launcher.dry_run=true", "hydra.launcher.emulate=true"])
+def test_a_credential_in_the_jobs_environment_is_refused_before_anything_is_written(tmp_path, mode):
     """The issue's command: +hydra.launcher.environment_variables.HF_TOKEN=hf_... is one line,
-    exit 2, and no file anywhere holds the value (nothing at all is written)."""
+    exit 2, and no file anywhere holds the value (nothing at all is written), dry run or emulated."""
     before = every_file(tmp_path)
-    r = run_cli("experiment=quickstart", "compute=d32_v5", "nodes=2", "hydra.launcher.dry_run=true",
+    r = run_cli("experiment=quickstart", "compute=d32_v5", "nodes=2", mode,
                 f"+hydra.launcher.environment_variables.HF_TOKEN={CANARY}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                 cwd=tmp_path)
     line = assert_one_line_error(r, "hydra.launcher.environment_variables.HF_TOKEN", "hydra.launcher.key_vault=",
