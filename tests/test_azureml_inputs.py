@@ -95,8 +95,9 @@ def test_dry_run_declares_the_data_folder_as_an_input(two_points):
     [(name, job_input)] = job.inputs.items()
     assert (name, job_input.type, job_input.mode, job_input.path) == ("dataset_data_dir", "uri_folder", "ro_mount", str(data))
     assert job.command.split()[4] == "dataset.data_dir=${{inputs.dataset_data_dir}}"
-    # the payload keeps the local path; the command points the nodes at the mount
-    assert payload.read(job_dirs[0] / "azureml" / "snapshot" / payload.PAYLOAD_FILE).config.dataset.data_dir == "mrpc"
+    # the payload holds the input's binding, not the local folder; the command points the nodes at the mount
+    assert payload.read(job_dirs[0] / "azureml" / "snapshot" / payload.PAYLOAD_FILE).config.dataset.data_dir == \
+        "${{inputs.dataset_data_dir}}"
 
 
 def test_download_mode_is_selectable(tmp_path):

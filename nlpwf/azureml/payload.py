@@ -43,7 +43,7 @@ from hydra.core.utils import setup_globals
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from nlpwf import PROJECT_ROOT
-from nlpwf.azureml import snapshot
+from nlpwf.azureml import secrets, snapshot
 
 PAYLOAD_FILE = "nlpwf_job.pkl"   # in the code snapshot, beside the readable nlpwf_job.yaml
 REMOTE_RUN_DIR = "outputs"       # Azure ML uploads ./outputs of the working dir when the job ends
@@ -234,8 +234,6 @@ def restore(payload: Payload) -> None:
     """The node's process before its task: Hydra's global state (the node's own, with the
     shipped parts over it), the node's working dir as Hydra's original cwd, and the secrets the
     job names, fetched from its Key Vault with the job's identity (secrets.load_into_environ)."""
-    from nlpwf.azureml import secrets
-
     secrets.load_into_environ()
     runtime = OmegaConf.select(payload.config, "hydra.runtime")
     if runtime is not None:
