@@ -152,3 +152,51 @@ def test_dry_run_on_the_amd_size(tmp_path):
     assert job._validate().passed
     resolved = (job_dir / "azureml" / "snapshot" / "nlpwf_job.yaml").read_text()
     assert "vm_size: Standard_D32as_v6" in resolved and "precision:\n  name: bf16" in resolved
+
+
+# --- the Azure ML SDK: public API only, in the range that is tested ------------------------------
+
+def sdk_private_uses() -> list[str]:
+    """Private names of Azure's SDKs that nlpwf/azureml uses: imports of private modules or names,
+    and `._name` attributes of anything but nlpwf's own objects (`self`)."""
+    import ast
+
+    from nlpwf import PROJECT_ROOT
+
+    found = []
+    for path in sorted((PROJECT_ROOT / "nlpwf" / "azureml").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("azure"):
+                names = [node.module, *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("azure")]
+            elif isinstance(node, ast.Attribute) and not (isinstance(node.value, ast.Name) and node.value.id == "self"):
+                names = [node.attr]
+            else:
+                continue
+            for name in names:
+                if any(part.startswith("_") and not part.startswith("__") for part in name.split(".")):
+                    found.append(f"{path.name}:{node.lineno}: {name}")
+    return found
+
+
+def test_nlpwf_uses_no_private_name_of_azures_sdks():
+    assert sdk_private_uses() == []
+
+
+def test_azure_ai_ml_is_pinned_to_the_tested_minor_release():
+    import configparser
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    from nlpwf import PROJECT_ROOT
+
+    setup = configparser.ConfigParser()
+    setup.read(PROJECT_ROOT / "setup.cfg")
+    installed = importlib.metadata.version("azure-ai-ml")
+    for extra in ("azure", "dev"):
+        [line] = [x for x in setup["options.extras_require"][extra].splitlines() if x.strip().startswith("azure-ai-ml")]
+        spec = Requirement(line.strip()).specifier
+        assert any(s.operator == "<" for s in spec), f"{extra}: {line} is open above"
+        assert spec.contains(installed), f"the tests run azure-ai-ml {installed}, outside {extra}'s {line}"

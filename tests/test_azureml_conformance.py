@@ -14,10 +14,12 @@ the integration suite's hook for apps run elsewhere (get_test_app_working_dir) s
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hydra import version
 from hydra.test_utils.launcher_common_tests import BatchedSweeperTestSuite, IntegrationTestSuite, LauncherTestSuite
+from omegaconf import OmegaConf
 from pytest import fixture, mark
 
 from nlpwf.azureml import emulate, job
@@ -62,3 +64,19 @@ class TestAzureMLLauncherIntegration(IntegrationTestSuite):
 
     def get_test_app_working_dir(self) -> EmulatedWorkingDirs:
         return self.app_dirs
+
+    def test_to_absolute_path_multirun(self, tmpdir: Path, task_launcher_cfg, extra_flags) -> None:
+        """The suite's version expects relative paths from the folder the launch started in. On
+        Azure ML that folder is on another machine: Hydra's original cwd on a node is the job's
+        working dir there (the code snapshot; payload.restore sets it), which is where a job's
+        relative paths can be found. Emulated, the node's working dir is
+        <job dir>/azureml/emulate/node-0."""
+        from hydra.test_utils.test_utils import integration_test
+
+        overrides = [*extra_flags, "hydra.job.chdir=True", "hydra.sweep.dir=cli_dir",
+                     "hydra.sweep.subdir=cli_dir_${hydra.job.num}"]
+        job_dir = Path(tmpdir) / "cli_dir" / "cli_dir_0"
+        node_dir = job_dir / job.AZURE_DIR / emulate.SCRATCH_DIR / "node-0"
+        integration_test(tmpdir=Path(tmpdir), task_config=OmegaConf.create(task_launcher_cfg or {}), overrides=overrides,
+                         prints=["hydra.utils.to_absolute_path('foo/bar')", "os.getcwd()"],
+                         expected_outputs=[os.path.realpath(node_dir / "foo/bar"), str(self.app_dirs / "cli_dir/cli_dir_0")])

@@ -6,6 +6,7 @@ import configparser
 import importlib.metadata
 import importlib.util
 import re
+from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
@@ -111,3 +112,104 @@ def test_sdk_accepts_the_build_context():
     spec = env._to_dict()
     assert spec["build"]["path"] == str(DOCKER)
     assert len(spec["version"]) == 64  # content hash: Azure rebuilds only when docker/ changes
+
+
+# --- what the nodes import is in the image -----------------------------------------------------
+
+# The node's entry (`python -m nlpwf.azureml.remote`) runs nlpwf's task (nlpwf.cli), whose stages
+# include training and its plots. Every module they can import, at module level or inside a
+# function, must come from a package of the lock, except these, which the image leaves out on
+# purpose and the launcher refuses (azureml/job.py, refuse_what_the_image_lacks) or nlpwf uses
+# only when installed:
+NOT_IN_IMAGE = {
+    "neural_compressor": "stage=quantize is refused for Azure",
+    "wandb": "logger=wandb is refused for Azure",
+    "intel_extension_for_pytorch": "optional: applied when its wheel is installed (docker/Dockerfile)",
+    "oneccl_bindings_for_pytorch": "optional: the ccl backend when its wheel is installed (docker/Dockerfile)",
+}
+NODE_ENTRIES = ("nlpwf.azureml.remote", "nlpwf.cli", "nlpwf.stages.train", "nlpwf.results.plots")
+
+
+def nlpwf_modules() -> dict[str, Path]:
+    root = PROJECT_ROOT
+    out = {}
+    for path in sorted((root / "nlpwf").rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imported_names(path: Path, module: str, is_package: bool) -> set[str]:
+    """Every module name an nlpwf module imports (`from a.b import c` gives a.b and a.b.c)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+            names.add(base)
+            names |= {f"{base}.{a.name}" for a in node.names}
+    return names
+
+
+def node_imports() -> set[str]:
+    """The modules outside nlpwf that the node's entry can reach, following nlpwf's own imports."""
+    import sys
+
+    modules = nlpwf_modules()
+    packages = {m for m in modules if modules[m].name == "__init__.py"}
+    todo, seen, external = list(NODE_ENTRIES), set(), set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        for name in imported_names(modules[module], module, module in packages):
+            if name.split(".")[0] == "nlpwf":
+                todo += [name] if name in modules else []
+            elif name.split(".")[0] not in sys.stdlib_module_names and name != "__future__":
+                external.add(name)
+    return external
+
+
+def distribution_of(name: str) -> str | None:
+    """The installed distribution that provides module `name` (or its nearest importable parent)."""
+    import importlib.metadata
+
+    while name:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None:
+            break
+        name = name.rpartition(".")[0]
+    if not name:
+        return None
+    origin = Path(spec.origin if spec.origin not in (None, "namespace") else list(spec.submodule_search_locations)[0])
+    for dist in importlib.metadata.packages_distributions().get(name.split(".")[0], []):
+        files = importlib.metadata.distribution(dist).files or []
+        if any(origin == Path(f.locate()) or Path(f.locate()).is_relative_to(origin) for f in files):
+            return dist
+    return None
+
+
+def test_every_module_the_nodes_import_is_in_the_lock():
+    lock = lock_module()
+    pinned = set(lock.read_lock(DOCKER / "requirements.lock"))
+    external = node_imports()
+    assert "matplotlib.pyplot" in external and "torch" in external  # the plots and training are followed
+    missing = {}
+    for name in sorted(external):
+        if name.split(".")[0] in NOT_IN_IMAGE:
+            continue
+        dist = distribution_of(name)
+        if dist is None or lock.canonical(dist) not in pinned:
+            missing[name] = dist
+    assert not missing, f"imported on the nodes but not in docker/requirements.lock: {missing} (add them to " \
+                        "docker/requirements.txt and setup.cfg's azureml_node extra, then run python docker/lock.py)"

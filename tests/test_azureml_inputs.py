@@ -3,21 +3,24 @@ them, and the exact requests of a submission with a local data folder (upload in
 from __future__ import annotations
 
 import json
-import urllib.parse
-from functools import partial
 
 import pytest
 import yaml
 from azure.ai.ml import load_job
 from omegaconf import OmegaConf
 
-from nlpwf.azureml import inputs, launch, payload, remote, submit, workspace
+from nlpwf.azureml import inputs, launch, payload, remote, submit
 from nlpwf.azureml.inputs import JobInput
 from nlpwf.azureml.job import JobSpec
+from nlpwf.azureml.storage import upload as storage_upload
 from nlpwf.errors import UserError
-from tests.test_azureml_job import FAKE_WS, FakeCredential, RecordingTransport
+from tests import azurite as blobs
+from tests.azurite import KEY
+from tests.test_azureml_submit import PREFIX, AzureTransport, client
 
 from conftest import pairs, run_cli, write_glue
+
+azurite, via_azurite, storage = blobs.azurite, blobs.via_azurite, blobs.storage  # the fixtures
 
 
 def cfg(**values):
@@ -42,7 +45,7 @@ def test_local_paths_uris_packages_and_hub_ids(tmp_path):
     assert [(i.name, i.keys, i.type, i.path, i.local) for i in found] == [
         ("dataset_data_dir", ("dataset.data_dir",), "uri_folder", str((tmp_path / "data").resolve()), True),
         ("dataset_test_file", ("dataset.test_file",), "uri_file", str((tmp_path / "test.csv").resolve()), True),
-        ("stage_model_path", ("stage.model_path",), "uri_folder", "azureml:my-model:3", False),
+        ("stage_model_path", ("stage.model_path",), "custom_model", "azureml:my-model:3", False),
         ("stage_input", ("stage.input",), "uri_file", "azureml://datastores/blobs/paths/in/x.csv", False),
     ]
     assert inputs.command_args(found)[0] == "dataset.data_dir=${{inputs.dataset_data_dir}}"
@@ -92,8 +95,9 @@ def test_dry_run_declares_the_data_folder_as_an_input(two_points):
     [(name, job_input)] = job.inputs.items()
     assert (name, job_input.type, job_input.mode, job_input.path) == ("dataset_data_dir", "uri_folder", "ro_mount", str(data))
     assert job.command.split()[4] == "dataset.data_dir=${{inputs.dataset_data_dir}}"
-    # the payload keeps the local path; the command points the nodes at the mount
-    assert payload.read(job_dirs[0] / "azureml" / "snapshot" / payload.PAYLOAD_FILE).config.dataset.data_dir == "mrpc"
+    # the payload holds the input's binding, not the local folder; the command points the nodes at the mount
+    assert payload.read(job_dirs[0] / "azureml" / "snapshot" / payload.PAYLOAD_FILE).config.dataset.data_dir == \
+        "${{inputs.dataset_data_dir}}"
 
 
 def test_download_mode_is_selectable(tmp_path):
@@ -115,100 +119,58 @@ def test_a_missing_data_folder_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "s" / "0" / "azureml" / "job.yaml").exists()
 
 
-class Storage(RecordingTransport):
-    """The workspace (ARM, as RecordingTransport) plus its default datastore and that datastore's
-    blob container, in memory: blobs are stored on PUT, answered on HEAD, their metadata kept."""
-
-    ACCOUNT = "nlpwfteststore"
-    CONTAINER = "azureml-blobstore-test"
-
-    def __init__(self):
-        super().__init__()
-        self.blobs: dict[str, dict] = {}
-
-    def send(self, request, **kwargs):
-        url = urllib.parse.urlsplit(request.url)
-        if url.hostname == f"{self.ACCOUNT}.blob.core.windows.net":
-            self.requests.append(request)
-            blob = urllib.parse.unquote(url.path).split(f"/{self.CONTAINER}/", 1)[1]
-            query = urllib.parse.parse_qs(url.query)
-            if request.method == "PUT" and query.get("comp") == ["metadata"]:
-                if blob not in self.blobs:
-                    return self.blob_response(request, 404)
-                self.blobs[blob]["metadata"] = {k[len("x-ms-meta-"):]: v for k, v in request.headers.items()
-                                                if k.lower().startswith("x-ms-meta-")}
-                return self.blob_response(request, 200)
-            if request.method == "PUT":
-                self.blobs[blob] = {"body": bytes(request.body or b""), "metadata": {}}
-                return self.blob_response(request, 201)
-            if request.method == "HEAD" and blob in self.blobs:
-                meta = {f"x-ms-meta-{k}": v for k, v in self.blobs[blob]["metadata"].items()}
-                return self.blob_response(request, 200, {"Content-Length": str(len(self.blobs[blob]["body"])), **meta})
-            return self.blob_response(request, 404, {"x-ms-error-code": "BlobNotFound"})
-        arm_id = request.url.split("?")[0].split("management.azure.com", 1)[-1]
-        if request.method == "GET" and arm_id.endswith("/datastores/workspaceblobstore"):
-            self.requests.append(request)
-            return self.response(request, 200, {"id": arm_id, "name": "workspaceblobstore", "properties": {
-                "datastoreType": "AzureBlob", "accountName": self.ACCOUNT, "containerName": self.CONTAINER,
-                "endpoint": "core.windows.net", "protocol": "https", "isDefault": True,
-                "credentials": {"credentialsType": "Sas"}}})
-        if request.method == "POST" and arm_id.endswith("/datastores/workspaceblobstore/listSecrets"):
-            self.requests.append(request)
-            return self.response(request, 200, {"secretsType": "Sas", "sasToken": "sv=2024-01-01&sig=not-a-signature"})
-        return super().send(request, **kwargs)
-
-    @staticmethod
-    def blob_response(request, status, headers=None):
-        from azure.core.rest._http_response_impl import HttpResponseImpl
-        from azure.core.utils import CaseInsensitiveDict
-
-        h = CaseInsensitiveDict({"ETag": '"0x1"', "Last-Modified": "Mon, 30 Nov 2026 12:00:00 GMT",
-                                 "x-ms-request-id": "1", "x-ms-version": "2025-01-05", **(headers or {})})
-        if status == 201:
-            h["Content-MD5"] = ""
-        r = HttpResponseImpl(request=request, internal_response=None, status_code=status, reason="",
-                             content_type="application/xml", stream_download_generator=None, headers=h)
-        r._content = b""
-        r._is_closed = r._is_stream_consumed = True
-        return r
+def arm_ids(job_yaml):
+    """The dry run's job with ARM ids for code and environment: only the inputs are resolved at submit."""
+    spec = yaml.safe_load(job_yaml.read_text())
+    spec.update(code=f"azureml:{PREFIX}/codes/c/versions/1", environment=f"azureml:{PREFIX}/environments/e/versions/1")
+    job_yaml.write_text(yaml.safe_dump(spec))
+    return spec
 
 
-def test_two_points_upload_the_local_folder_once_and_put_jobs_that_read_it(two_points, monkeypatch, capsys):
-    import azure.ai.ml._artifacts._blob_storage_helper as blob_helper
-    from azure.storage.blob import BlobServiceClient
+def test_a_registered_model_is_a_model_asset_input(tmp_path):
+    """The issue's command: model.source=azureml:my-bert:3 is a custom_model input in job.yaml,
+    which load_job loads, and which the SDK resolves as a registered *model* (not a data asset)."""
+    sweep = tmp_path / "sweep"
+    r = run_cli("experiment=quickstart", "compute=d32_v5", "nodes=2", "model.source=azureml:my-bert:3",
+                "hydra.launcher.dry_run=true", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job_yaml = sweep / "0" / "azureml" / "job.yaml"
+    assert yaml.safe_load(job_yaml.read_text())["inputs"] == {
+        "model_source": {"mode": "ro_mount", "path": "azureml:my-bert:3", "type": "custom_model"}}
+    job = load_job(job_yaml)
+    assert job._validate().passed and job.inputs["model_source"].type == "custom_model"
+    assert "model.source=${{inputs.model_source}} model.tokenizer=${{inputs.model_source}}" in job.command
+    spec = arm_ids(job_yaml)
+    transport = AzureTransport()
+    submit.submit_one(client(transport).ml_client, JobSpec(name=spec["name"], job_dir=tmp_path, job_yaml=job_yaml,
+                                                          cluster={"name": "cpu-d32-v5"}))
+    [put] = [r for r in transport.requests if r.method == "PUT"]
+    assert json.loads(put.body)["properties"]["inputs"] == {"model_source": {
+        "jobInputType": "custom_model", "mode": "ReadOnlyMount", "uri": f"{PREFIX}/models/my-bert/versions/3"}}
 
+
+def test_two_points_upload_the_local_folder_once_to_azurite_and_put_jobs_that_read_it(two_points, storage, capsys):
     data, job_dirs = two_points
-    transport = Storage()
-    # The SDK builds its upload client (azure-storage-blob) without the MLClient's transport: give it ours.
-    monkeypatch.setattr(blob_helper, "BlobServiceClient", partial(BlobServiceClient, transport=transport))
-    ws = OmegaConf.create(FAKE_WS)
-    ml_client = workspace.client(ws, credential=FakeCredential(), transport=transport)
-    prefix = (f"/subscriptions/{ws.subscription_id}/resourceGroups/{ws.resource_group}"
-              f"/providers/Microsoft.MachineLearningServices/workspaces/{ws.workspace_name}")
+    transport = AzureTransport()
+    ws = client(transport)
     specs = []
-    for job_dir in job_dirs:  # the code and environment as ARM ids: only the data is uploaded here
-        spec = yaml.safe_load((job_dir / "azureml" / "job.yaml").read_text())
-        spec.update(code=f"azureml:{prefix}/codes/c/versions/1", environment=f"azureml:{prefix}/environments/e/versions/1")
-        (job_dir / "azureml" / "job.yaml").write_text(yaml.safe_dump(spec))
+    for job_dir in job_dirs:
+        spec = arm_ids(job_dir / "azureml" / "job.yaml")
         specs.append(JobSpec(name=spec["name"], job_dir=job_dir, job_yaml=job_dir / "azureml" / "job.yaml",
                              cluster={"name": "cpu-d32-v5"}, nodes=2, processes_per_node=2,
                              inputs=[JobInput("dataset_data_dir", ("dataset.data_dir",), "uri_folder", str(data), True)]))
 
-    uploaded = launch.upload_inputs(ml_client, specs)
+    uploaded = launch.upload_inputs(ws, specs)
     for spec in specs:
-        submit.submit_one(ml_client, spec)
+        submit.submit_one(ws.ml_client, spec)
 
     [uri] = uploaded.values()
     assert list(uploaded) == [str(data)]
-    assert uri.startswith("azureml://datastores/workspaceblobstore/paths/LocalUpload/") and uri.endswith("/mrpc")
-    blob_puts = [r for r in transport.requests if r.method == "PUT" and "blob.core.windows.net" in r.url
-                 and "comp=metadata" not in r.url]
-    # each local file once, with its bytes, though two jobs read the folder
-    sent = {urllib.parse.unquote(urllib.parse.urlsplit(r.url).path).rsplit("/", 1)[1]: bytes(r.body) for r in blob_puts}
-    assert len(blob_puts) == 2 and sent == {"train.tsv": (data / "train.tsv").read_bytes(),
-                                           "dev.tsv": (data / "dev.tsv").read_bytes()}
-    assert all(urllib.parse.unquote(r.url).split("?")[0].endswith(f"{uri.split('/paths/', 1)[1]}/{name}")
-               for r, name in zip(blob_puts, sent))
+    assert uri.startswith("azureml://datastores/workspaceblobstore/paths/LocalUpload/") and uri.endswith("/mrpc/")
+    folder = uri.split("/paths/", 1)[1]
+    blobs = storage.blobs()
+    assert {name: body for name, (body, _) in blobs.items() if name.startswith(folder)} == {
+        folder + "train.tsv": (data / "train.tsv").read_bytes(), folder + "dev.tsv": (data / "dev.tsv").read_bytes()}
     job_puts = [r for r in transport.requests if r.method == "PUT" and "/jobs/" in r.url]
     assert len(job_puts) == 2
     for put, spec in zip(job_puts, specs):
@@ -217,9 +179,22 @@ def test_two_points_upload_the_local_folder_once_and_put_jobs_that_read_it(two_p
         assert "dataset.data_dir=${{inputs.dataset_data_dir}}" in props["command"]
         assert "hydra.run.dir=${{outputs.results}}" in props["command"]
         assert "checkpoint_dir=${{outputs.checkpoints}}" in props["command"]
-        assert props["outputs"]["results"] == {"jobOutputType": "uri_folder", "mode": "ReadWriteMount"}
         assert props["outputs"]["checkpoints"] == {
             "jobOutputType": "uri_folder", "mode": "ReadWriteMount",
             "uri": f"azureml://datastores/workspaceblobstore/paths/nlpwf/checkpoints/{spec.name}/"}
+    # Uploaded again (another run, the same content): found whole by its marker, nothing rewritten.
+    assert storage_upload(ws, data) == uri
+    assert storage.blobs() == blobs
     out = capsys.readouterr()
-    assert "not-a-signature" not in out.out + out.err
+    assert KEY not in out.out + out.err
+
+
+def test_a_local_model_folder_is_uploaded_and_read_as_a_model_input(tmp_path, storage):
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    [found] = inputs.job_inputs(cfg(model__source=str(model)), cwd=None)
+    assert (found.type, found.local) == ("custom_model", True)
+    uri = storage_upload(client(AzureTransport()), model)
+    assert uri.endswith("/my-model/")
+    assert storage.blobs()[uri.split("/paths/", 1)[1] + "config.json"][0] == b'{"model_type": "bert"}'

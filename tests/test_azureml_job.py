@@ -66,7 +66,10 @@ def test_dry_run_snapshot_has_the_resolved_config_and_no_workspace_values(dry_ru
     snap = dry_run / "azureml" / "snapshot"
     resolved = (snap / "nlpwf_job.yaml").read_text()
     # precision=auto goes to the nodes undecided: they decide it on their own CPUs, not this machine
-    assert "precision:\n  name: auto" in resolved and "nodes: 2" in resolved and "${" not in resolved
+    assert "precision:\n  name: auto" in resolved and "nodes: 2" in resolved
+    # what the nodes run: the outputs' bindings, nothing left to resolve but Azure's own `${{...}}`
+    assert "checkpoint_dir: ${{outputs.checkpoints}}" in resolved and "resume: auto" in resolved
+    assert "${" not in resolved.replace("${{outputs.checkpoints}}", "")
     assert (snap / "nlpwf" / "cli.py").is_file() and (snap / "conf" / "config.yaml").is_file()
     job = payload.read(snap / payload.PAYLOAD_FILE)
     # nlpwf's task by reference: hydra.main's wrapper is nlpwf.cli.main, the task its __wrapped__
@@ -160,7 +163,7 @@ def test_submission_sends_one_put_with_the_command_job(dry_run, tmp_path, capsys
 
     transport = RecordingTransport()
     ws = OmegaConf.create(FAKE_WS)
-    ml_client = workspace.client(ws, credential=FakeCredential(), transport=transport)
+    ws_client = workspace.connect(ws, credential=FakeCredential(), transport=transport)
     prefix = (f"/subscriptions/{ws.subscription_id}/resourceGroups/{ws.resource_group}"
               f"/providers/Microsoft.MachineLearningServices/workspaces/{ws.workspace_name}")
     # The dry run's job with ARM ids for code and environment: a local path would make the SDK upload.
@@ -173,7 +176,7 @@ def test_submission_sends_one_put_with_the_command_job(dry_run, tmp_path, capsys
     spec = azjob.JobSpec(name=job.name, job_dir=tmp_path, job_yaml=job_yaml, cluster={"name": "cpu-d32-v5"},
                          vm_size="Standard_D32_v5", nodes=2, processes_per_node=2)
 
-    assert submit.submit_one(ml_client, spec) == job.name
+    assert submit.submit_one(ws_client.ml_client, spec) == job.name
 
     assert [r.method for r in transport.requests] == ["PUT"]
     put = transport.requests[0]
@@ -208,7 +211,7 @@ def test_waiting_on_a_cancelled_job_gives_a_failed_job_return(dry_run, tmp_path)
 
     transport = RecordingTransport(status="Canceled", compute=AML_COMPUTE)
     ws = OmegaConf.create(FAKE_WS)
-    ml_client = workspace.client(ws, credential=FakeCredential(), transport=transport)
+    ws_client = workspace.connect(ws, credential=FakeCredential(), transport=transport)
     prefix = (f"/subscriptions/{ws.subscription_id}/resourceGroups/{ws.resource_group}"
               f"/providers/Microsoft.MachineLearningServices/workspaces/{ws.workspace_name}")
     spec = yaml.safe_load((dry_run / "azureml" / "job.yaml").read_text())
@@ -219,7 +222,7 @@ def test_waiting_on_a_cancelled_job_gives_a_failed_job_return(dry_run, tmp_path)
     run = JobReturn(overrides=["nodes=2"], status=JobStatus.COMPLETED, _return_value=job)
     settings = OmegaConf.create({"wait": True, "stream": False, "poll_interval_s": 0.01, "max_parallel": 2})
 
-    [outcome] = submit.execute([job], settings, ml_client=ml_client)
+    [outcome] = submit.execute([job], settings, ws=ws_client)
     launch.settle(run, job, outcome)
 
     assert run.status == JobStatus.FAILED
@@ -234,11 +237,11 @@ def test_a_missing_cluster_that_may_not_be_created_fails_the_batch_without_submi
     from omegaconf import OmegaConf
 
     transport = RecordingTransport()
-    ml_client = workspace.client(OmegaConf.create(FAKE_WS), credential=FakeCredential(), transport=transport)
+    ws_client = workspace.connect(OmegaConf.create(FAKE_WS), credential=FakeCredential(), transport=transport)
     job = azjob.JobSpec(name="nlpwf-x", job_dir=tmp_path, job_yaml=dry_run / "azureml" / "job.yaml",
                         cluster={"name": "cpu-d32-v5", "create_if_missing": False}, vm_size="Standard_D32_v5", nodes=2)
     outcomes = submit.execute([job, job], OmegaConf.create({"wait": False, "stream": False, "poll_interval_s": 1,
-                                                            "max_parallel": 2}), ml_client=ml_client)
+                                                            "max_parallel": 2}), ws=ws_client)
     runs = [JobReturn(status=JobStatus.COMPLETED, _return_value=job) for _ in range(2)]
     for run, outcome in zip(runs, outcomes):
         launch.settle(run, job, outcome)
@@ -269,7 +272,7 @@ def test_ctrl_c_stops_watching_promptly_and_leaves_the_jobs_running(dry_run, tmp
 
     transport = RecordingTransport(status="Running", compute=AML_COMPUTE)
     ws = OmegaConf.create(FAKE_WS)
-    ml_client = workspace.client(ws, credential=FakeCredential(), transport=transport)
+    ws_client = workspace.connect(ws, credential=FakeCredential(), transport=transport)
     prefix = (f"/subscriptions/{ws.subscription_id}/resourceGroups/{ws.resource_group}"
               f"/providers/Microsoft.MachineLearningServices/workspaces/{ws.workspace_name}")
     spec = yaml.safe_load((dry_run / "azureml" / "job.yaml").read_text())
@@ -285,7 +288,7 @@ def test_ctrl_c_stops_watching_promptly_and_leaves_the_jobs_running(dry_run, tmp
     threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # the user's Ctrl-C while both jobs run
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        submit.execute(subs, settings, ml_client=ml_client)
+        submit.execute(subs, settings, ws=ws_client)
     assert time.monotonic() - started < 30  # not the 600 s poll interval
     assert "stopped watching: submitted jobs keep running in Azure ML" in capsys.readouterr().out
     deadline = time.monotonic() + 20  # a submission already under way completes; nothing is cancelled in Azure

@@ -1,6 +1,7 @@
 """After Azure ML accepts a job: bounded waiting, cancelling, results download and model
-registration, against azure-core's lowest layer (a transport that records each request and
-answers as ARM, the datastore and blob storage do). Nothing here reaches Azure."""
+registration. ARM's REST calls go to azure-core's lowest layer (a transport that records each
+request and answers as ARM does); blob storage is a real server, Azurite (tests/azurite.py).
+Nothing here reaches Azure."""
 from __future__ import annotations
 
 import json
@@ -12,22 +13,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from azure.core.rest._http_response_impl import HttpResponseImpl
-from azure.core.utils import CaseInsensitiveDict
 from omegaconf import OmegaConf
 
+from nlpwf.azureml import download, payload, submit, workspace
 from nlpwf.azureml import job as azjob
-from nlpwf.azureml import payload, submit, workspace
+from tests import azurite as blobs
+from tests.azurite import CONTAINERS, SECRETS, datastore_body
 from tests.test_azureml_job import AML_COMPUTE, FAKE_WS, FakeCredential, RecordingTransport
+
+azurite, via_azurite, storage = blobs.azurite, blobs.via_azurite, blobs.storage  # the fixtures
 
 PREFIX = (f"/subscriptions/{FAKE_WS['subscription_id']}/resourceGroups/{FAKE_WS['resource_group']}"
           f"/providers/Microsoft.MachineLearningServices/workspaces/{FAKE_WS['workspace_name']}")
-ACCOUNT = "https://nlpwfstore.blob.core.windows.net"
-CONTAINER = "azureml-blobstore-test"
-DATASTORE = {"type": "Microsoft.MachineLearningServices/workspaces/datastores", "properties": {
-    "datastoreType": "AzureBlob", "accountName": "nlpwfstore", "containerName": CONTAINER,
-    "endpoint": "core.windows.net", "protocol": "https", "isDefault": True,
-    "credentials": {"credentialsType": "AccountKey"}}}
 
 
 def results_uri(job: str) -> str:
@@ -35,17 +32,16 @@ def results_uri(job: str) -> str:
 
 
 class AzureTransport(RecordingTransport):
-    """ARM (jobs, computes, datastores, models) and blob storage, as far as these tests go.
-    `statuses`: what successive GETs of a job answer (the last one repeats); `failures`: HTTP
-    statuses answered instead, one per GET of a job, before the statuses; `blobs`: the
-    datastore's blobs (name -> bytes)."""
+    """ARM (jobs, computes, datastores, models), as far as these tests go. `statuses`: what
+    successive GETs of a job answer (the last one repeats); `failures`: HTTP statuses answered
+    instead, one per GET of a job, before the statuses. `answered`: (time, job, status) of each GET."""
 
-    def __init__(self, statuses=("Completed",), failures=(), blobs=None, per_job=None):
+    def __init__(self, statuses=("Completed",), failures=(), per_job=None):
         super().__init__(compute=AML_COMPUTE)
         self.statuses, self.failures = list(statuses), list(failures)
         self.per_job = per_job or {}  # job name -> its own list of statuses
-        self.blobs = blobs or {}
         self.gets: dict[str, int] = {}
+        self.answered: list[tuple[float, str, str]] = []
         self.lock = threading.Lock()
 
     def send(self, request, **kwargs):
@@ -53,11 +49,7 @@ class AzureTransport(RecordingTransport):
             return self._send(request)
 
     def _send(self, request):
-        url = urllib.parse.urlsplit(request.url)
-        if url.netloc.endswith("blob.core.windows.net"):
-            self.requests.append(request)
-            return self.blob(request, url)
-        path = url.path
+        path = urllib.parse.urlsplit(request.url).path
         if request.method == "PUT" and "/jobs/" in path:
             body = json.loads(request.body)
             name = path.rsplit("/", 1)[1]
@@ -67,24 +59,13 @@ class AzureTransport(RecordingTransport):
             request.body = json.dumps(body)  # what a job with the results output sends
         if request.method == "GET" and "/jobs/" in path and path in self.jobs:
             self.requests.append(request)
-            name = path.rsplit("/", 1)[1]
-            n = self.gets[name] = self.gets.get(name, 0) + 1
-            if n <= len(self.failures):
-                return self.response(request, self.failures[n - 1], {"error": {"code": "ServiceUnavailable",
-                                                                              "message": "try again"}})
-            statuses = self.per_job.get(name, self.statuses)
-            body = json.loads(json.dumps(self.jobs[path]))
-            body["properties"]["status"] = statuses[min(n - len(self.failures), len(statuses)) - 1]
-            return self.response(request, 200, body)
+            return self.job(request, path)
         if request.method == "POST" and path.endswith("/cancel"):
             self.requests.append(request)
             return self.response(request, 202, {})
-        if request.method == "GET" and path.endswith("/datastores/workspaceblobstore"):
+        if "/datastores" in path:
             self.requests.append(request)
-            return self.response(request, 200, {"id": path, "name": "workspaceblobstore", **DATASTORE})
-        if request.method == "POST" and path.endswith("/datastores/workspaceblobstore/listSecrets"):
-            self.requests.append(request)
-            return self.response(request, 200, {"secretsType": "Sas", "sasToken": "sv=2024-01-01&sig=not-a-sig"})
+            return self.datastore(request, path)
         if "/models/" in path and request.method == "PUT":
             self.requests.append(request)
             body = json.loads(request.body)
@@ -93,68 +74,34 @@ class AzureTransport(RecordingTransport):
             return self.response(request, 201, body)
         return super().send(request)
 
-    def blob(self, request, url):
-        query = urllib.parse.parse_qs(url.query)
-        if query.get("comp") == ["list"]:
-            prefix = query.get("prefix", [""])[0]
-            items = "".join(f"<Blob><Name>{n}</Name><Properties><Content-Length>{len(b)}</Content-Length>"
-                            "<BlobType>BlockBlob</BlobType></Properties></Blob>"
-                            for n, b in sorted(self.blobs.items()) if n.startswith(prefix))
-            xml = (f'<?xml version="1.0" encoding="utf-8"?><EnumerationResults ServiceEndpoint="{ACCOUNT}/" '
-                   f'ContainerName="{CONTAINER}"><Prefix>{prefix}</Prefix><Blobs>{items}</Blobs><NextMarker /></EnumerationResults>')
-            return self.raw(request, 200, xml.encode(), {"Content-Type": "application/xml"})
-        name = urllib.parse.unquote(url.path.split(f"/{CONTAINER}/", 1)[1])
-        data = self.blobs[name]
-        first, last = 0, len(data) - 1
-        rng = request.headers.get("x-ms-range") or request.headers.get("Range")
-        if rng:
-            a, b = rng.split("=", 1)[1].split("-")
-            first, last = int(a), min(int(b), len(data) - 1)
-        chunk = data[first:last + 1]
-        return self.raw(request, 206 if rng else 200, chunk, {
-            "Content-Type": "application/octet-stream", "Content-Length": str(len(chunk)),
-            "Content-Range": f"bytes {first}-{last}/{len(data)}", "x-ms-blob-type": "BlockBlob",
-            "ETag": '"0x1"', "Last-Modified": "Mon, 30 Nov 2026 12:00:00 GMT"})
+    def job(self, request, path):
+        name = path.rsplit("/", 1)[1]
+        n = self.gets[name] = self.gets.get(name, 0) + 1
+        if n <= len(self.failures):
+            return self.response(request, self.failures[n - 1], {"error": {"code": "ServiceUnavailable",
+                                                                          "message": "try again"}})
+        statuses = self.per_job.get(name, self.statuses)
+        body = json.loads(json.dumps(self.jobs[path]))
+        body["properties"]["status"] = statuses[min(n - len(self.failures), len(statuses)) - 1]
+        self.answered.append((time.monotonic(), name, body["properties"]["status"]))
+        return self.response(request, 200, body)
 
-    @staticmethod
-    def raw(request, status, content: bytes, headers: dict):
-        class Chunks:  # what the blob client reads a download from, piece by piece (it sets attributes on it)
-            def __init__(self, pipeline, response, **kwargs):  # as azure-core's StreamDownloadGenerator
-                self.response, self.content_length = response, len(content)
-                self.pieces = iter([content[i:i + 1024] for i in range(0, len(content), 1024)])
-
-            def __iter__(self):
-                return self
-
-            def __next__(self):
-                return next(self.pieces)
-
-        chunks = Chunks
-
-        r = HttpResponseImpl(request=request, internal_response=None, status_code=status, reason="",
-                             content_type=headers.get("Content-Type"), stream_download_generator=chunks,
-                             headers=CaseInsensitiveDict(headers))
-        if status != 206 and status != 200 or "xml" in headers.get("Content-Type", ""):
-            r._content = content
-            r._is_closed = r._is_stream_consumed = True
-        return r
+    def datastore(self, request, path):
+        name = path.rsplit("/datastores", 1)[1].strip("/").split("/")[0]
+        if request.method == "GET" and not name:  # the list (the default datastore: isDefault=true)
+            return self.response(request, 200, {"value": [{"id": f"{PREFIX}/datastores/workspaceblobstore",
+                                                            **datastore_body("workspaceblobstore", CONTAINERS["workspaceblobstore"])}]})
+        if request.method == "POST" and path.endswith("/listSecrets"):
+            return self.response(request, 200, SECRETS)
+        return self.response(request, 200, {"id": path, **datastore_body(name, CONTAINERS[name])})
 
     def seen(self):
-        """(method, what) of each request: ARM's last two path parts, or the blob's name."""
-        out = []
-        for r in self.requests:
-            url = urllib.parse.urlsplit(r.url)
-            if url.netloc.endswith("blob.core.windows.net"):
-                q = urllib.parse.parse_qs(url.query)
-                out.append((r.method, "list " + q.get("prefix", [""])[0] if q.get("comp") == ["list"]
-                            else urllib.parse.unquote(url.path.split(f"/{CONTAINER}/", 1)[1])))
-            else:
-                out.append((r.method, "/".join(url.path.rsplit("/", 2)[-2:])))
-        return out
+        """(method, ARM's last two path parts) of each request."""
+        return [(r.method, "/".join(urllib.parse.urlsplit(r.url).path.rsplit("/", 2)[-2:])) for r in self.requests]
 
 
-def client(transport, **kwargs):
-    return workspace.client(OmegaConf.create(FAKE_WS), credential=FakeCredential(), transport=transport, **kwargs)
+def client(transport, **retry):
+    return workspace.connect(OmegaConf.create(FAKE_WS), credential=FakeCredential(), retry=retry, transport=transport)
 
 
 def make_specs(tmp_path: Path, n: int = 1) -> list[azjob.JobSpec]:
@@ -179,72 +126,69 @@ def settings(**kw):
     return OmegaConf.create({**base, **kw})
 
 
-def result_blobs(job: str, value=0.25) -> dict:
+def result_blobs(job: str, value=0.25, root: str | None = None) -> dict:
     import cloudpickle
 
-    root = f"azureml/{job}/results/"
+    root = f"azureml/{job}/results/" if root is None else root
     return {root + "metrics.json": b'{"eval_accuracy": 0.8}', root + "train_log.csv": b"step,loss\n1,0.5\n",
             root + "training_curves.png": b"\x89PNG fake", root + payload.RETURN_FILE: cloudpickle.dumps(value),
-            root + "model/config.json": b"{}", root + "model/model.safetensors": b"w" * 5000}
+            root + "model/config.json": b"{}", root + "model/model.safetensors": bytes(range(256)) * 40000}
 
 
-# --- downloads ---------------------------------------------------------------------------------
-
-def test_a_finished_job_brings_back_only_its_small_results_streamed_to_disk(tmp_path):
+def completed(tmp_path, storage, **kw):
+    """A job that completes with its results in the datastore: (spec, transport, outcome)."""
     [spec] = make_specs(tmp_path)
     blobs = result_blobs(spec.name)
     blobs[f"azureml/{spec.name}/checkpoints/checkpoint-10/optimizer.pt"] = b"o" * 1000  # another output
-    transport = AzureTransport(blobs=blobs)
+    storage(blobs)
+    transport = AzureTransport()
+    [outcome] = submit.execute([spec], settings(**kw), ws=client(transport))
+    return spec, transport, outcome
 
-    [outcome] = submit.execute([spec], settings(), ml_client=client(transport))
+
+# --- downloads (from Azurite) ------------------------------------------------------------------
+
+def test_a_finished_job_brings_back_only_its_small_results(tmp_path, storage):
+    spec, transport, outcome = completed(tmp_path, storage)
 
     assert outcome == 0.25
-    got = [what for method, what in transport.seen() if method == "GET" and not what.startswith(("list", "jobs", "computes", "datastores"))]
-    root = f"azureml/{spec.name}/results/"
-    assert sorted(got) == sorted(root + f for f in ("metrics.json", "train_log.csv", "training_curves.png", payload.RETURN_FILE))
-    assert ("GET", f"list {root}") in transport.seen()
     results = spec.job_dir / "azureml" / "outputs"
     assert sorted(p.name for p in results.iterdir()) == sorted(["metrics.json", "train_log.csv", "training_curves.png",
                                                                  payload.RETURN_FILE])
     assert (results / "train_log.csv").read_bytes() == b"step,loss\n1,0.5\n"
     assert json.loads((spec.job_dir / "metrics.json").read_text()) == {"eval_accuracy": 0.8}
     assert not list((spec.job_dir / "azureml").glob(".download-*"))  # the temporary folder is gone
+    assert ("POST", "workspaceblobstore/listSecrets") in transport.seen()  # the datastore's key, from ARM
 
 
-def test_download_model_adds_model_and_checkpoints_stay_in_azure(tmp_path):
-    [spec] = make_specs(tmp_path)
-    blobs = result_blobs(spec.name)
-    blobs[f"azureml/{spec.name}/checkpoints/checkpoint-10/optimizer.pt"] = b"o" * 1000
-    transport = AzureTransport(blobs=blobs)
-
-    [outcome] = submit.execute([spec], settings(download_model=True), ml_client=client(transport))
+def test_download_model_adds_model_and_checkpoints_stay_in_azure(tmp_path, storage):
+    spec, _, outcome = completed(tmp_path, storage, download_model=True)
 
     assert outcome == 0.25
     model = spec.job_dir / "azureml" / "outputs" / "model"
-    assert (model / "model.safetensors").read_bytes() == b"w" * 5000  # several 1 KiB pieces, written as they came
+    assert (model / "model.safetensors").read_bytes() == bytes(range(256)) * 40000  # 10 MB: several chunks
     assert (model / "config.json").is_file()
-    assert not any("checkpoints" in what for _, what in transport.seen())
+    assert not list(spec.job_dir.rglob("optimizer.pt"))
 
 
-def test_an_older_job_without_results_output_brings_back_only_those_files_of_outputs(tmp_path):
+def test_an_older_job_without_results_output_brings_back_only_those_files_of_outputs(tmp_path, storage):
     """A job with no `results` output: its ./outputs in the default artifact store, filtered alike."""
     [spec] = make_specs(tmp_path)
     store = f"ExperimentRun/dcid.{spec.name}/"
-    blobs = {store + "outputs/" + name.rsplit("/results/", 1)[1]: data for name, data in result_blobs(spec.name).items()}
+    blobs = result_blobs(spec.name, root=store + "outputs/")
     blobs[store + "outputs/checkpoint-10/optimizer.pt"] = b"o" * 1000
     blobs[store + "logs/azureml/std_log.txt"] = b"log"
-    transport = AzureTransport(blobs=blobs)
-    ml_client = client(transport)
-    submit.submit_one(ml_client, spec)
+    storage(blobs, "workspaceartifactstore")
+    transport = AzureTransport()
+    ws = client(transport)
+    submit.submit_one(ws.ml_client, spec)
     del transport.jobs[next(iter(transport.jobs))]["properties"]["outputs"]["results"]
-    uri = f"azureml://datastores/workspaceblobstore/paths/{store}"
-    ml_client.jobs._get_named_output_uri = lambda name, output: {output: uri}  # the SDK's run-history lookup
 
-    got = submit.download_results(ml_client, spec, settings())
+    got = download.download_results(ws, spec, settings())
 
     assert sorted(got) == sorted("outputs/" + f for f in ("metrics.json", "train_log.csv", "training_curves.png",
                                                           payload.RETURN_FILE))
-    assert submit.task_return(spec.job_dir, "x") == 0.25
+    assert download.task_return(spec.job_dir, "x") == 0.25
     assert not list((spec.job_dir / "azureml").glob(".download-*"))
 
 
@@ -254,41 +198,62 @@ def test_a_job_queued_past_the_limit_is_cancelled_and_reported_in_one_line(tmp_p
     [spec] = make_specs(tmp_path)
     transport = AzureTransport(statuses=("NotStarted", "Queued"))
 
-    [outcome] = submit.execute([spec], settings(queue_timeout_s=0.05), ml_client=client(transport))
+    [outcome] = submit.execute([spec], settings(queue_timeout_s=0.05), ws=client(transport))
 
     assert isinstance(outcome, RuntimeError) and "\n" not in str(outcome)
     assert re.search(f"Azure ML job {spec.name} was still (NotStarted|Queued) after hydra.launcher.queue_timeout_s=0.05 "
                      "and was cancelled", str(outcome))
     assert ("POST", f"{spec.name}/cancel") in transport.seen()
-    assert not any(what.startswith("list") for _, what in transport.seen())  # nothing downloaded
+    assert not any(w.startswith("datastores") for _, w in transport.seen())  # nothing downloaded
 
 
-def test_a_running_job_is_not_cancelled_by_the_queue_limit(tmp_path):
+def test_a_job_put_back_in_the_queue_after_it_ran_is_followed_not_cancelled(tmp_path, storage):
+    """A preempted low-priority job: Queued, Running, then Queued again (for longer than
+    queue_timeout_s after its submission), Running, Completed. Followed to its end; no cancel."""
     [spec] = make_specs(tmp_path)
-    transport = AzureTransport(statuses=("Queued", "Running", "Running", "Running", "Completed"),
-                               blobs=result_blobs(spec.name))
-    [outcome] = submit.execute([spec], settings(queue_timeout_s=3600), ml_client=client(transport))
+    storage(result_blobs(spec.name))
+    requeued = ["Queued"] * 40  # 40 polls of 10 ms: well past the 0.1 s limit
+    transport = AzureTransport(statuses=("Queued", "Running", *requeued, "Running", "Completed"))
+    started = time.monotonic()
+
+    [outcome] = submit.execute([spec], settings(queue_timeout_s=0.1), ws=client(transport))
+
+    assert outcome == 0.25
+    assert not any(m == "POST" and w.endswith("/cancel") for m, w in transport.seen())
+    statuses = [status for _, _, status in transport.answered]
+    assert statuses[:3] == ["Queued", "Running", "Queued"] and statuses[-1] == "Completed"
+    last_queued = max(t for t, _, status in transport.answered if status == "Queued")
+    assert last_queued - started > 0.1  # it was seen queued again past the limit, and left alone
+
+
+
+
+def test_a_running_job_is_not_cancelled_by_the_queue_limit(tmp_path, storage):
+    [spec] = make_specs(tmp_path)
+    storage(result_blobs(spec.name))
+    transport = AzureTransport(statuses=("Queued", "Running", "Running", "Running", "Completed"))
+    [outcome] = submit.execute([spec], settings(queue_timeout_s=3600), ws=client(transport))
     assert outcome == 0.25 and not any(m == "POST" and w.endswith("/cancel") for m, w in transport.seen())
 
 
-def test_a_503_is_retried_by_azure_core_and_the_job_is_not_failed(tmp_path):
+def test_a_503_is_retried_by_azure_core_and_the_job_is_not_failed(tmp_path, storage):
     [spec] = make_specs(tmp_path)
-    transport = AzureTransport(failures=(503,), statuses=("Completed",), blobs=result_blobs(spec.name))
-    ml_client = client(transport, **workspace.retry_kwargs(OmegaConf.create({"retry_total": 3, "retry_backoff_factor": 0})))
+    storage(result_blobs(spec.name))
+    transport = AzureTransport(failures=(503,), statuses=("Completed",))
+    ws = client(transport, **workspace.retry_kwargs(OmegaConf.create({"retry_total": 3, "retry_backoff_factor": 0})))
 
-    [outcome] = submit.execute([spec], settings(transient_errors_max=0), ml_client=ml_client)
+    [outcome] = submit.execute([spec], settings(transient_errors_max=0), ws=ws)
 
     assert outcome == 0.25
     job_gets = [w for m, w in transport.seen() if m == "GET" and w == f"jobs/{spec.name}"]
     assert len(job_gets) >= 2 and transport.gets[spec.name] == len(job_gets)  # the 503, then the answer
 
 
-def test_a_503_after_azure_cores_retries_is_tolerated_by_the_poll_loop(tmp_path, caplog):
+def test_a_503_after_azure_cores_retries_is_tolerated_by_the_poll_loop(tmp_path, caplog, storage):
     [spec] = make_specs(tmp_path)
-    transport = AzureTransport(failures=(503, 503), statuses=("Running", "Completed"), blobs=result_blobs(spec.name))
-    ml_client = client(transport, retry_total=0)
-
-    [outcome] = submit.execute([spec], settings(transient_errors_max=3), ml_client=ml_client)
+    storage(result_blobs(spec.name))
+    transport = AzureTransport(failures=(503, 503), statuses=("Running", "Completed"))
+    [outcome] = submit.execute([spec], settings(transient_errors_max=3), ws=client(transport, retry_total=0))
 
     assert outcome == 0.25
     assert "transient error (2/3)" in caplog.text
@@ -297,7 +262,7 @@ def test_a_503_after_azure_cores_retries_is_tolerated_by_the_poll_loop(tmp_path,
 def test_a_non_transient_error_while_polling_still_fails_the_job(tmp_path):
     [spec] = make_specs(tmp_path)
     transport = AzureTransport(failures=(403,), statuses=("Completed",))
-    [outcome] = submit.execute([spec], settings(), ml_client=client(transport, retry_total=0))
+    [outcome] = submit.execute([spec], settings(), ws=client(transport, retry_total=0))
     assert isinstance(outcome, RuntimeError) and spec.name in str(outcome)
 
 
@@ -324,7 +289,7 @@ def test_a_failed_job_of_a_sweep_that_aborts_cancels_its_siblings(tmp_path, caps
     transport = AzureTransport(per_job={"nlpwf-test-0": ["Running"], "nlpwf-test-1": ["Running", "Failed"],
                                         "nlpwf-test-2": ["Queued", "Running"]})
 
-    outcomes = submit.execute(specs, settings(), ml_client=client(transport), abort_on_failure=True)
+    outcomes = submit.execute(specs, settings(), ws=client(transport), abort_on_failure=True)
 
     assert all(isinstance(o, RuntimeError) for o in outcomes)
     assert "Azure ML job nlpwf-test-1 failed" in str(outcomes[1])
@@ -339,11 +304,11 @@ def test_a_failed_job_of_a_sweep_that_aborts_cancels_its_siblings(tmp_path, caps
     assert sorted(reported) == ["nlpwf-test-0", "nlpwf-test-2"], out
 
 
-def test_a_failed_job_of_a_sweep_that_goes_on_leaves_its_siblings_running(tmp_path):
+def test_a_failed_job_of_a_sweep_that_goes_on_leaves_its_siblings_running(tmp_path, storage):
     specs = make_specs(tmp_path, 2)
-    transport = AzureTransport(per_job={"nlpwf-test-0": ["Running", "Running", "Completed"], "nlpwf-test-1": ["Failed"]},
-                               blobs=result_blobs("nlpwf-test-0"))
-    outcomes = submit.execute(specs, settings(), ml_client=client(transport), abort_on_failure=False)
+    storage(result_blobs("nlpwf-test-0"))
+    transport = AzureTransport(per_job={"nlpwf-test-0": ["Running", "Running", "Completed"], "nlpwf-test-1": ["Failed"]})
+    outcomes = submit.execute(specs, settings(), ws=client(transport), abort_on_failure=False)
     assert outcomes[0] == 0.25 and isinstance(outcomes[1], RuntimeError)
     assert not any(w.endswith("/cancel") for _, w in transport.seen())
 
@@ -393,7 +358,7 @@ def test_ctrl_c_cancels_the_running_jobs(tmp_path, capsys, python_ctrl_c):
 
     threading.Thread(target=interrupt, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
-        submit.execute(specs, settings(poll_interval_s=600), ml_client=client(transport))
+        submit.execute(specs, settings(poll_interval_s=600), ws=client(transport))
     assert sent.is_set()
 
     def cancels():
@@ -409,11 +374,12 @@ def test_ctrl_c_cancels_the_running_jobs(tmp_path, capsys, python_ctrl_c):
 
 # --- registering the model ---------------------------------------------------------------------
 
-def test_register_model_puts_the_jobs_model_output_as_a_model_asset(tmp_path, capsys):
+def test_register_model_puts_the_jobs_model_output_as_a_model_asset(tmp_path, capsys, storage):
     [spec] = make_specs(tmp_path)
-    transport = AzureTransport(blobs=result_blobs(spec.name))
+    storage(result_blobs(spec.name))
+    transport = AzureTransport()
 
-    [outcome] = submit.execute([spec], settings(register_model="nlpwf-mrpc"), ml_client=client(transport))
+    [outcome] = submit.execute([spec], settings(register_model="nlpwf-mrpc"), ws=client(transport))
 
     assert outcome == 0.25
     [put] = [r for r in transport.requests if r.method == "PUT" and "/models/" in r.url]
@@ -422,12 +388,12 @@ def test_register_model_puts_the_jobs_model_output_as_a_model_asset(tmp_path, ca
     assert props["modelUri"] == f"azureml://jobs/{spec.name}/outputs/results/paths/model"
     assert props["modelType"] == "custom_model" and props["tags"] == {"nlpwf_job": spec.name}
     assert f"registered model nlpwf-mrpc version 1 from Azure ML job {spec.name}" in capsys.readouterr().out
-    assert not any("/model/" in w for _, w in transport.seen())  # registered in place: nothing downloaded
+    assert not (spec.job_dir / "azureml" / "outputs" / "model").exists()  # registered in place: nothing downloaded
 
 
 def test_a_failed_job_registers_nothing(tmp_path):
     [spec] = make_specs(tmp_path)
     transport = AzureTransport(statuses=("Failed",))
-    [outcome] = submit.execute([spec], settings(register_model="nlpwf-mrpc"), ml_client=client(transport))
+    [outcome] = submit.execute([spec], settings(register_model="nlpwf-mrpc"), ws=client(transport))
     assert isinstance(outcome, RuntimeError)
     assert not any("/models/" in r.url for r in transport.requests)

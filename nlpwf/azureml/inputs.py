@@ -3,12 +3,15 @@ local folder or file, or an Azure ML URI, becomes one of the job's inputs.
 
 PATH_KEYS is the one list of such keys: a key added to nlpwf later is covered by adding it
 here. For each key the job's config names:
-- a local folder or file (relative paths are from where the user started) becomes a
-  `uri_folder` / `uri_file` input, which the SDK uploads at submit (to the workspace's default
-  datastore, under a content hash: the same data is stored once) and Azure ML mounts on the
-  nodes (`hydra.launcher.input_mode`: ro_mount by default, or download);
+- a local folder or file (relative paths are from where the user started) becomes an input
+  that the launcher uploads at submit (storage.upload: to the workspace's datastore, under a
+  content hash, so the same data is stored once) and Azure ML mounts on the nodes
+  (`hydra.launcher.input_mode`: ro_mount by default, or download);
 - `azureml://datastores/NAME/paths/...` or `azureml:ASSET:VERSION` becomes an input as it is,
   used in place without upload;
+- the input's type says what kind of asset it is, which is how the SDK resolves
+  `azureml:NAME:VERSION`: `custom_model` for the model keys (MODEL_KEYS: a registered model, or a
+  model folder), `uri_folder` / `uri_file` for data;
 - `package:NAME` (data shipped in nlpwf's code) and, for model keys, a Hugging Face Hub id stay
   in the config as they are;
 - anything else is refused before anything is sent.
@@ -34,8 +37,12 @@ PATH_KEYS = (
     "model.source", "model.tokenizer",
     "stage.model_path", "stage.input", "stage.file",
 )
-# Keys whose value may also be a Hugging Face Hub id (org/name), which the nodes download themselves.
-HUB_KEYS = ("model.source", "model.tokenizer", "stage.model_path")
+# Keys naming a model (weights, tokenizer): their inputs are `custom_model`, so the SDK resolves
+# azureml:NAME:VERSION as a registered model (as a `uri_folder` it would look up a data asset of that
+# name, and the service would reject the job). Their value may also be a Hugging Face Hub id
+# (org/name), which the nodes download themselves.
+MODEL_KEYS = HUB_KEYS = ("model.source", "model.tokenizer", "stage.model_path")
+MODEL_TYPE = "custom_model"
 # Keys naming one file; the others name folders (decides the type of an Azure ML URI's input).
 FILE_KEYS = ("dataset.train_file", "dataset.eval_file", "dataset.test_file", "stage.input", "stage.file")
 # Keys whose relative value is a file in another key's folder (dataset.data_dir): that folder's input carries it.
@@ -50,7 +57,7 @@ _ASSET = re.compile(r"^azureml:[^/:]+:[^/:]+$")  # azureml:NAME:VERSION (an ARM 
 class JobInput:
     name: str            # the input's name in the job: ${{inputs.NAME}}
     keys: tuple          # the config keys that read it
-    type: str            # uri_folder | uri_file
+    type: str            # uri_folder | uri_file (data), custom_model (a model key)
     path: str            # absolute local path, or the Azure ML URI
     local: bool          # uploaded by the SDK at submit
 
@@ -82,12 +89,12 @@ def job_inputs(cfg: DictConfig, cwd: str | Path | None) -> list[JobInput]:
         if base and not Path(value).expanduser().is_absolute() and not is_azureml_uri(value):
             continue  # read from the base folder's input on the nodes, as here
         if is_azureml_uri(value):
-            kind, path, local = ("uri_file" if key in FILE_KEYS else "uri_folder"), value, False
+            kind, path, local = input_type(key, is_file=key in FILE_KEYS), value, False
         else:
             here = Path(value).expanduser()
             here = here if here.is_absolute() else Path(cwd or Path.cwd()) / here
             if here.exists():
-                kind, path, local = ("uri_folder" if here.is_dir() else "uri_file"), str(here.resolve()), True
+                kind, path, local = input_type(key, is_file=not here.is_dir()), str(here.resolve()), True
             elif key in HUB_KEYS and _HUB_ID.match(value):
                 continue  # a Hub id: the nodes download it
             else:
@@ -102,6 +109,13 @@ def job_inputs(cfg: DictConfig, cwd: str | Path | None) -> list[JobInput]:
     return list(found.values())
 
 
+def input_type(key: str, is_file: bool) -> str:
+    """The input's type: a model asset for model keys, else a data folder or file."""
+    if key in MODEL_KEYS:
+        return MODEL_TYPE
+    return "uri_file" if is_file else "uri_folder"
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise UserError(f"hydra.launcher.input_mode={mode}: use one of {', '.join(MODES)}")
@@ -111,25 +125,3 @@ def check_mode(mode: str) -> str:
 def command_args(inputs: list[JobInput]) -> list[str]:
     """`key=${{inputs.NAME}}` for every key that reads an input (applied on the nodes by remote.py)."""
     return [f"{key}=${{{{inputs.{i.name}}}}}" for i in inputs for key in i.keys]
-
-
-def upload_local(ml_client, specs: list[dict], datastore: str = "workspaceblobstore") -> dict[str, str]:
-    """Upload each distinct local input path of a batch once, to the workspace's default
-    datastore as the SDK itself does at submit (under LocalUpload/<content hash>/), and point every
-    job's input that names it at the uploaded copy. Without this, jobs submitted in parallel
-    would each hash and may each upload the same data. `specs`: job.yaml contents, changed in
-    place. Returns {local path: azureml:// URI}."""
-    from azure.ai.ml._artifacts._artifact_utilities import _upload_and_generate_remote_uri
-
-    uploaded: dict[str, str] = {}
-    for spec in specs:
-        for job_input in (spec.get("inputs") or {}).values():
-            path = job_input.get("path") if isinstance(job_input, dict) else None
-            if not isinstance(path, str) or path.startswith("azureml:") or "://" in path or not Path(path).exists():
-                continue
-            key = str(Path(path).resolve())
-            if key not in uploaded:
-                uploaded[key] = _upload_and_generate_remote_uri(
-                    ml_client._operation_scope, ml_client.datastores, key, datastore_name=datastore, show_progress=False)
-            job_input["path"] = uploaded[key]
-    return uploaded

@@ -11,6 +11,7 @@ Hydra app gets one node with one process on hydra.launcher.cluster.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import re
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nlpwf import PROJECT_ROOT
 from nlpwf.azureml import inputs, payload, snapshot, workspace
+from nlpwf.azureml import secrets as job_secrets
 from nlpwf.config.checks import check_job
 from nlpwf.errors import UserError
 from nlpwf.runtime import jobfile, threads
@@ -99,15 +101,20 @@ def checkpoints_uri(name: str, settings: DictConfig) -> str:
     return CHECKPOINTS_PATH.format(datastore=settings.get("datastore") or "workspaceblobstore", job=source or name)
 
 
-def command(cfg: DictConfig, job_inputs: list) -> str:
-    """The job's command: the remote entry with the overrides that point the config at the
-    job's inputs and outputs on the nodes (nlpwf.azureml.remote applies them)."""
+def node_overrides(cfg: DictConfig, job_inputs: list) -> list[str]:
+    """The overrides in the job's command that point the config at the job's inputs and outputs
+    on the nodes (nlpwf.azureml.remote applies them); the payload and nlpwf_job.yaml show them too."""
     args = [*inputs.command_args(job_inputs), f"hydra.run.dir=${{{{outputs.{RESULTS_OUTPUT}}}}}"]
     if trains(cfg):
         args.append(f"checkpoint_dir=${{{{outputs.{CHECKPOINTS_OUTPUT}}}}}")
         if OmegaConf.select(cfg, "training.resume", default=None) in (None, "null", "none"):
             args.append("training.resume=auto")  # a retried or resubmitted job continues from its checkpoints
-    return " ".join([REMOTE_COMMAND, *args])
+    return args
+
+
+def command(cfg: DictConfig, job_inputs: list) -> str:
+    """The job's command: the remote entry with node_overrides."""
+    return " ".join([REMOTE_COMMAND, *node_overrides(cfg, job_inputs)])
 
 
 def cluster_of(cfg: DictConfig, settings: DictConfig) -> dict:
@@ -205,7 +212,10 @@ def environment_variables(cfg: DictConfig, settings: DictConfig) -> dict[str, st
     if nlpwf_job(cfg):
         env["OMP_NUM_THREADS"] = str(omp_threads(cfg))
         env["TOKENIZERS_PARALLELISM"] = "false"  # its thread pool would compete with the OMP threads of the ranks
-    env.update({str(k): str(v) for k, v in (settings.environment_variables or {}).items()})
+    own = {str(k): str(v) for k, v in (settings.environment_variables or {}).items()}
+    job_secrets.refuse_credentials(own)
+    env.update(own)
+    env.update(job_secrets.job_environment(settings.get("key_vault"), settings.get("secrets")))
     return env
 
 
@@ -288,19 +298,25 @@ def prepare(sweep_config: DictConfig, task_cfg: DictConfig, job_dir: Path, setti
     `task_cfg` the task's part of it."""
     hydra_cfg = sweep_config.hydra
     validate(sweep_config, settings, OmegaConf.select(hydra_cfg, "sweeper._target_"), cwd=hydra_cfg.runtime.cwd)
-    packed = payload.pack(task, sweep_config, callbacks)
+    job_inputs = inputs.job_inputs(sweep_config, hydra_cfg.runtime.cwd)
+    overrides = node_overrides(sweep_config, job_inputs)
+    packed = payload.pack(task, sweep_config, callbacks, overrides)
     check_python(packed, settings)
     azure_dir = job_dir / AZURE_DIR
     snap = snapshot.build(azure_dir / SNAPSHOT_DIR, max_file_mb=settings.snapshot_max_file_mb)
     (snap / payload.PAYLOAD_FILE).write_bytes(packed.data)
-    jobfile.write_job_config(task_cfg, snap / jobfile.JOB_CONFIG)  # for people: the payload is not readable
+    # For people (the payload is not readable): the config the nodes run, with the `${{...}}` bindings
+    readable = copy.deepcopy(task_cfg)
+    OmegaConf.copy_cache(from_config=task_cfg, to_config=readable)  # ${now:} as the sweep started
+    payload.with_node_overrides(readable, overrides)
+    jobfile.write_job_config(readable, snap / jobfile.JOB_CONFIG)
     nodes, procs = layout(sweep_config)
     spec = JobSpec(
         name=job_name(hydra_cfg.job.num), job_dir=job_dir, job_yaml=azure_dir / JOB_YAML,
         cluster=cluster_of(sweep_config, settings),
         vm_size=OmegaConf.select(sweep_config, "compute.vm_size", default=None),
         nodes=nodes, processes_per_node=procs, environment_variables=environment_variables(sweep_config, settings),
-        inputs=inputs.job_inputs(sweep_config, hydra_cfg.runtime.cwd),
+        inputs=job_inputs,
     )
     if trains(sweep_config):
         spec.checkpoints = checkpoints_uri(spec.name, settings)

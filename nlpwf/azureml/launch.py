@@ -24,7 +24,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from nlpwf.azureml import emulate, inputs, submit, workspace
+from nlpwf.azureml import emulate, secrets, storage, submit
 from nlpwf.azureml import job as azjob
 from nlpwf.azureml.job import JobSpec
 from nlpwf.errors import UserError
@@ -63,6 +63,18 @@ class Preparation:
             sys.exit(e.exit_code)
 
 
+def check_settings(settings: DictConfig) -> None:
+    """The launcher's own settings, checked when Hydra sets the launcher up, before the sweeper
+    writes multirun.yaml and before any job dir exists: a credential in the jobs' environment
+    is refused as one line (secrets.refuse_credentials), exit 2, with nothing written."""
+    try:
+        secrets.refuse_credentials(settings.get("environment_variables") or {})
+        secrets.job_environment(settings.get("key_vault"), settings.get("secrets"))
+    except UserError as e:
+        print(f"nlpwf: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+
+
 def launch(sweep: launching.Sweep, settings: DictConfig, job_overrides: Sequence[Sequence[str]],
            initial_job_idx: int) -> list[JobReturn]:
     """One batch of the sweep, one JobReturn per point in order (see the module's docstring).
@@ -97,32 +109,37 @@ def launch(sweep: launching.Sweep, settings: DictConfig, job_overrides: Sequence
     return runs
 
 
-def submit_batch(specs: list[JobSpec], settings: DictConfig, ml_client=None) -> list:
+def submit_batch(specs: list[JobSpec], settings: DictConfig, ws=None) -> list:
     """submit.execute, after the batch's local inputs are uploaded: each distinct local path once
     (jobs submitted in parallel would otherwise each upload it), and each job's spec then names
     the uploaded copy (<job dir>/azureml/job.submitted.yaml; job.yaml keeps the local path)."""
     if any(i.local for spec in specs for i in spec.inputs):
         try:
-            ml_client = ml_client or workspace.client(settings.workspace, **workspace.retry_kwargs(settings))
-            upload_inputs(ml_client, specs)
+            ws = ws or submit.connect(settings)
+            upload_inputs(ws, specs, settings.get("datastore") or "workspaceblobstore")
         except Exception as e:  # noqa: BLE001 - e.g. not signed in: every job of the batch fails with it
             error = RuntimeError(f"nothing submitted: uploading the jobs' inputs failed: {type(e).__name__}: {str(e).strip()}")
             return [error] * len(specs)
-    return submit.execute(specs, settings, ml_client=ml_client)
+    return submit.execute(specs, settings, ws=ws)
 
 
-def upload_inputs(ml_client, specs: list[JobSpec]) -> dict[str, str]:
-    """Upload the batch's local inputs once each; returns {local path: azureml:// URI}."""
+def upload_inputs(ws, specs: list[JobSpec], datastore: str = "workspaceblobstore") -> dict[str, str]:
+    """Upload the batch's local inputs once each (storage.upload, to `datastore`, where the SDK
+    would put them); returns {local path: azureml:// URI}."""
     import yaml
 
-    docs = [yaml.safe_load(spec.job_yaml.read_text()) for spec in specs]
-    uploaded = inputs.upload_local(ml_client, docs)
-    for spec, doc in zip(specs, docs):
+    uploaded: dict[str, str] = {}
+    for spec in specs:
+        doc = yaml.safe_load(spec.job_yaml.read_text())
+        for job_input in spec.inputs:
+            if job_input.local:
+                if job_input.path not in uploaded:
+                    uploaded[job_input.path] = storage.upload(ws, Path(job_input.path), datastore)
+                    log.info("uploaded %s to %s", job_input.path, uploaded[job_input.path])
+                doc["inputs"][job_input.name]["path"] = uploaded[job_input.path]
         submitted = spec.job_yaml.with_name("job.submitted.yaml")
         submitted.write_text(yaml.safe_dump(doc, sort_keys=False))
         spec.job_yaml = submitted
-    for path, uri in uploaded.items():
-        log.info("uploaded %s to %s", path, uri)
     return uploaded
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import importlib
 import io
+import os
 import pickle
 import re
 import sys
@@ -35,13 +36,14 @@ from typing import Any, Callable
 
 import cloudpickle
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import setup_globals
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from nlpwf import PROJECT_ROOT
-from nlpwf.azureml import snapshot
+from nlpwf.azureml import secrets, snapshot
 
 PAYLOAD_FILE = "nlpwf_job.pkl"   # in the code snapshot, beside the readable nlpwf_job.yaml
 REMOTE_RUN_DIR = "outputs"       # Azure ML uploads ./outputs of the working dir when the job ends
@@ -128,23 +130,65 @@ def task_reference(task: Callable) -> TaskRef | None:
     return TaskRef(module_name, qualname, unwrap)
 
 
-def remote_config(sweep_config: DictConfig) -> DictConfig:
-    """The job's config as the nodes run it (see the module's docstring)."""
+def escaped(value: str) -> str:
+    """A command value as an OmegaConf string that reads back as itself (`${{inputs.X}}` is no interpolation)."""
+    return str(value).replace("${", "\\${")
+
+
+def with_node_overrides(config: DictConfig, overrides: list[str]) -> DictConfig:
+    """The config as the nodes run it: the job command's `key=value` overrides (the inputs' and
+    outputs' `${{...}}` bindings, training.resume) in place of the local values (a local data
+    folder has no meaning there). Hydra's own keys are left to remote_config."""
+    with read_write(config), open_dict(config):
+        for item in overrides:
+            key, _, value = item.partition("=")
+            if not key.startswith("hydra."):
+                OmegaConf.update(config, key, escaped(value), merge=False, force_add=True)
+    return config
+
+
+def relative_source(path: str) -> str:
+    """A config source's path without this machine's folders: relative to the project (its conf/ is
+    in the snapshot), or nothing."""
+    try:
+        return str(Path(path).resolve().relative_to(PROJECT_ROOT.resolve()))
+    except (ValueError, OSError):
+        return ""
+
+
+def remote_config(sweep_config: DictConfig, overrides: list[str] = ()) -> DictConfig:
+    """The job's config as the nodes run it (see the module's docstring), without what only the
+    submitting machine needs: the launcher's and sweeper's settings (workspace ids, environment
+    variables, local folders), Hydra's own overrides, and this machine's paths (the sweep dir,
+    the working dir, which restore() sets on the node, and the config search path)."""
     remote = copy.deepcopy(sweep_config)
     OmegaConf.copy_cache(from_config=sweep_config, to_config=remote)
+    with_node_overrides(remote, list(overrides))
     with read_write(remote.hydra), open_dict(remote.hydra):
         remote.hydra.run.dir = REMOTE_RUN_DIR
         remote.hydra.output_subdir = None
         for plugin_node in ("launcher", "sweeper"):
             if OmegaConf.select(remote, f"hydra.{plugin_node}") is not None:
-                remote.hydra[plugin_node] = OmegaConf.create(OmegaConf.to_container(remote.hydra[plugin_node]))
+                remote.hydra[plugin_node] = {}
+        if OmegaConf.select(remote, "hydra.overrides.hydra") is not None:
+            remote.hydra.overrides.hydra = []
+        if OmegaConf.select(remote, "hydra.sweep.dir") is not None:
+            remote.hydra.sweep.dir = REMOTE_RUN_DIR
+        runtime = remote.hydra.get("runtime")
+        if runtime is not None:
+            runtime.cwd, runtime.output_dir = ".", REMOTE_RUN_DIR
+            for source in runtime.get("config_sources") or []:
+                if source.get("schema") == "file":
+                    source.path = relative_source(source.path)
     return remote
 
 
 def shipped_state() -> dict:
+    """Hydra's global state for the nodes, without GlobalHydra (the submitting machine's config
+    loader and search path: run_job on the node needs neither)."""
     state = Singleton.get_state()
     return {
-        "instances": state["instances"],
+        "instances": {cls: obj for cls, obj in state["instances"].items() if cls is not GlobalHydra},
         "omegaconf_resolvers": {name: r for name, r in state["omegaconf_resolvers"].items()
                                 if not name.startswith("oc.") and name not in HYDRA_RESOLVERS},
     }
@@ -160,11 +204,11 @@ class PayloadUnpickler(pickle.Unpickler):
         return NODE_SINGLETONS[pid].instance()
 
 
-def pack(task: Callable, sweep_config: DictConfig, callbacks: Any) -> Packed:
-    """The payload of one job, pickled."""
+def pack(task: Callable, sweep_config: DictConfig, callbacks: Any, overrides: list[str] = ()) -> Packed:
+    """The payload of one job, pickled. `overrides`: the job command's (job.node_overrides)."""
     ref = task_reference(task)
     state = shipped_state()
-    payload = Payload(task=ref or task, config=remote_config(sweep_config), callbacks=callbacks, state=state)
+    payload = Payload(task=ref or task, config=remote_config(sweep_config, overrides), callbacks=callbacks, state=state)
     # A task that is not in the snapshot may not be installed on the nodes either: its own
     # module goes by value too (cloudpickle otherwise refers to importable modules by name).
     module = sys.modules.get(getattr(task, "__module__", None) or "")
@@ -187,7 +231,14 @@ def read(path: Path) -> Payload:
 
 
 def restore(payload: Payload) -> None:
-    """Hydra's global state on the node: the node's own, with the shipped parts over it."""
+    """The node's process before its task: Hydra's global state (the node's own, with the
+    shipped parts over it), the node's working dir as Hydra's original cwd, and the secrets the
+    job names, fetched from its Key Vault with the job's identity (secrets.load_into_environ)."""
+    secrets.load_into_environ()
+    runtime = OmegaConf.select(payload.config, "hydra.runtime")
+    if runtime is not None:
+        with read_write(runtime), open_dict(runtime):
+            runtime.cwd = os.getcwd()
     setup_globals()
     own = Singleton.get_state()
     Singleton.set_state({

@@ -1,160 +1,41 @@
-"""Send a batch of Azure ML jobs, and (with `wait`) watch them to the end and fetch results.
+"""Send a batch of Azure ML jobs and, with `wait`, watch them to the end (batch control).
 
 Jobs of a batch are submitted and watched in parallel threads: a sweep's points then run
 on Azure at the same time instead of one after the other. What is submitted is each job's
 job.yaml loaded back by the SDK, so a dry run shows exactly what would be sent. A finished
-job's result is what its task returned on the nodes (payload.RETURN_FILE in its outputs).
+job's result is what its task returned on the nodes (payload.RETURN_FILE in its outputs),
+brought back by download.py.
 
-Waiting is bounded: the job carries a time limit (job.py), a job still waiting for nodes after
-`queue_timeout_s` is cancelled, a transient HTTP error while polling is retried (azure-core's
-RetryPolicy in the MLClient, then the poll loop itself), and when the sweep aborts (a failed
-job under a sweeper that stops at the first failure, or Ctrl-C) the batch's other jobs are
-cancelled (`cancel_on_abort`). Only the small results come back (metrics.json, train_log.csv,
-the plots; model/ with `download_model`), streamed blob by blob to disk; checkpoints stay in Azure.
+Waiting is bounded: the job carries a time limit on its running time (job.py: limits.timeout),
+a job that has not started running `queue_timeout_s` after its submission is cancelled (a job
+Azure puts back in the queue after it ran, e.g. a preempted low-priority job, is followed, not
+cancelled), a transient HTTP error while polling is retried (azure-core's RetryPolicy in the
+MLClient, then the poll loop itself), and when the sweep aborts (a failed job under a sweeper
+that stops at the first failure, or Ctrl-C) the batch's other jobs are cancelled (`cancel_on_abort`).
 """
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from omegaconf import DictConfig
 
+from nlpwf.azureml import download, workspace
 from nlpwf.azureml import job as azjob
-from nlpwf.azureml import payload, workspace
+from nlpwf.azureml.download import collect, task_return  # noqa: F401 - emulate.py imports them from here
 from nlpwf.azureml.job import JobSpec
 from nlpwf.results import files
 
 log = logging.getLogger(__name__)
 
 TERMINAL = {"Completed", "Failed", "Canceled", "NotResponding", "Paused"}
-# Accepted but not yet running on nodes: waiting for quota or nodes, building the image, ...
+# Accepted but not running on nodes: waiting for quota or nodes, building the image, ... A job
+# in any other status (Running, Finalizing, CancelRequested) has run.
 WAITING = {"NotStarted", "Queued", "Preparing", "Provisioning", "Starting"}
-RESULTS_OUTPUT = azjob.RESULTS_OUTPUT  # the named output with model/, metrics.json, train_log.csv, the plots
-DEFAULT_OUTPUT = "default"      # the SDK's name of the default artifact store (./outputs, ./logs)
-RESULTS_DIR = azjob.OUTPUTS_DIR  # <job dir>/azureml/outputs: what came back of a finished job
-RESULT_FILES = (files.METRICS_FILE, files.TRAIN_LOG_FILE, payload.RETURN_FILE)
+RESULTS_OUTPUT = azjob.RESULTS_OUTPUT
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
-CHUNK = 4 * 1024 * 1024
-
-
-def wanted(relative: str, download_model: bool) -> bool:
-    """Whether a blob of the results (path relative to the output's root) comes back:
-    the small result files and plots at its top, and model/ only when asked."""
-    parts = relative.split("/")
-    if len(parts) == 1:
-        return parts[0] in RESULT_FILES or parts[0].endswith(".png")
-    return download_model and parts[0] == files.MODEL_DIR
-
-
-def collect(downloaded: Path, job_dir: Path) -> None:
-    """A finished job's downloaded results (the folder is moved) into <job dir>/azureml/outputs,
-    and its metrics.json (nlpwf's tasks write one) into the job dir itself, where the sweep
-    summary reads it."""
-    downloaded, job_dir = Path(downloaded), Path(job_dir)
-    local = job_dir / azjob.AZURE_DIR / RESULTS_DIR
-    if local.exists():
-        shutil.rmtree(local)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(downloaded), str(local))
-    metrics = files.read_metrics(local)
-    if metrics is not None:
-        files.write_json(job_dir / files.METRICS_FILE, metrics)
-
-
-def task_return(job_dir: Path, who: str):
-    """What the job's task returned, from its collected results."""
-    path = Path(job_dir) / azjob.AZURE_DIR / RESULTS_DIR / payload.RETURN_FILE
-    if not path.is_file():
-        raise RuntimeError(f"{who} ended without its task's return value ({payload.RETURN_FILE} is not in its outputs)")
-    return payload.read_return(path)
-
-
-# --- outputs in the datastore ------------------------------------------------------------------
-
-def output_uri(ml_client, name: str, output: str) -> str | None:
-    """The azureml://datastores/... URI of a job's output: the path the job declared, else the
-    one Azure chose (asked from the service); None when the job has no such output."""
-    job = ml_client.jobs.get(name)
-    declared = (getattr(job, "outputs", None) or {}).get(output) if output != DEFAULT_OUTPUT else None
-    path = getattr(declared, "path", None)
-    if path and str(path).startswith("azureml://"):
-        return str(path)
-    if output != DEFAULT_OUTPUT and declared is None:
-        return None
-    found = ml_client.jobs._get_named_output_uri(name, output)  # the SDK's own lookup (run history)
-    return found.get(output)
-
-
-def container(ml_client, datastore: str):
-    """azure-storage-blob's ContainerClient for a datastore, with the MLClient's transport and
-    retry settings (so tests record these requests too)."""
-    from azure.ai.ml._artifacts._artifact_utilities import get_datastore_info
-    from azure.storage.blob import ContainerClient
-
-    info = get_datastore_info(ml_client.datastores, datastore)
-    passed = {k: v for k, v in getattr(ml_client, "_kwargs", {}).items() if k == "transport" or k.startswith("retry_")}
-    return ContainerClient(info["account_url"], info["container_name"], credential=info["credential"],
-                           max_single_get_size=CHUNK, max_chunk_get_size=CHUNK, **passed)
-
-
-def split_uri(uri: str) -> tuple[str, str]:
-    """(datastore, path prefix) of azureml://[subscriptions/.../workspaces/W/]datastores/D/paths/P."""
-    from azure.ai.ml._utils._storage_utils import AzureMLDatastorePathUri
-
-    parsed = AzureMLDatastorePathUri(uri)
-    return parsed.datastore, parsed.path.strip("/")
-
-
-def fetch(ml_client, uri: str, dest: Path, keep) -> list[str]:
-    """Stream the blobs under `uri` whose relative path `keep` accepts into `dest`, one chunk at
-    a time (never a whole blob in memory). Their relative paths."""
-    datastore, prefix = split_uri(uri)
-    client = container(ml_client, datastore)
-    got = []
-    try:
-        for blob in client.list_blobs(name_starts_with=f"{prefix}/" if prefix else None):
-            relative = blob.name[len(prefix):].lstrip("/") if prefix else blob.name
-            if not relative or relative.endswith("/") or ".." in relative.split("/") or not keep(relative):
-                continue
-            target = dest / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with target.open("wb") as f:
-                client.download_blob(blob.name, max_concurrency=1).readinto(f)
-            got.append(relative)
-    finally:
-        if "transport" not in getattr(ml_client, "_kwargs", {}):  # a transport given to the MLClient stays open
-            client.close()
-    return got
-
-
-def download_results(ml_client, spec: JobSpec, settings: DictConfig) -> list[str]:
-    """The job's results (see `wanted`) into <job dir>/azureml/outputs; what came back. From its
-    named output `results`; a job without it (built before that output existed) has them in
-    ./outputs of the default artifact store. Streamed into a temporary folder that is always removed."""
-    download_model = bool(settings.get("download_model", False))
-    (spec.job_dir / azjob.AZURE_DIR).mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=spec.job_dir / azjob.AZURE_DIR))
-    try:
-        uri = output_uri(ml_client, spec.name, RESULTS_OUTPUT)
-        if uri is not None:
-            root = scratch / RESULTS_OUTPUT
-            got = fetch(ml_client, uri, root, lambda rel: wanted(rel, download_model))
-        else:
-            uri = output_uri(ml_client, spec.name, DEFAULT_OUTPUT)
-            outputs = payload.REMOTE_RUN_DIR + "/"
-            root = scratch / DEFAULT_OUTPUT / payload.REMOTE_RUN_DIR
-            got = [] if uri is None else fetch(ml_client, uri, scratch / DEFAULT_OUTPUT, lambda rel: (
-                rel.startswith(outputs) and wanted(rel[len(outputs):], download_model)))
-        root.mkdir(parents=True, exist_ok=True)
-        collect(root, spec.job_dir)
-        return got
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def ensure_cluster(ml_client, cluster: dict, vm_size: str | None, nodes: int) -> None:
@@ -234,16 +115,16 @@ def _setting(settings: DictConfig, key: str, default=None):
 
 
 def poll(ml_client, name: str, settings: DictConfig, stop: threading.Event, since: float) -> str:
-    """Poll until the job ends: its final status. A job still waiting for nodes after
-    queue_timeout_s (counted from `since`, its submission) is cancelled (QueueTimeout); transient
-    HTTP errors are tolerated for up to `transient_errors_max` polls in a row."""
+    """Poll until the job ends: its final status. A job that has not yet run (no status but
+    WAITING seen) queue_timeout_s after `since`, its submission, is cancelled (QueueTimeout); once
+    it has run, a return to the queue (a preempted node) is followed, and limits.timeout bounds
+    it. Transient HTTP errors are tolerated for up to `transient_errors_max` polls in a row."""
     queue_timeout = _setting(settings, "queue_timeout_s")
     tolerated = int(_setting(settings, "transient_errors_max", 10))
-    errors = 0
-    status = None
+    errors, status, previous, ran = 0, None, None, False
     while True:
         try:
-            status = job_status(ml_client, name)
+            previous, status = status, job_status(ml_client, name)
             errors = 0
         except Exception as e:
             if not transient(e) or errors >= tolerated:
@@ -253,7 +134,10 @@ def poll(ml_client, name: str, settings: DictConfig, stop: threading.Event, sinc
                         str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         if status in TERMINAL:
             return status
-        if status in WAITING and queue_timeout is not None and time.monotonic() - since > float(queue_timeout):
+        if ran and status in WAITING and previous not in WAITING:
+            log.warning("Azure ML job %s is %s again after running (its nodes were preempted?): following it", name, status)
+        ran = ran or (status is not None and status not in WAITING)
+        if not ran and status in WAITING and queue_timeout is not None and time.monotonic() - since > float(queue_timeout):
             cancel(ml_client, name)
             raise QueueTimeout(f"Azure ML job {name} was still {status} after hydra.launcher.queue_timeout_s="
                                f"{queue_timeout:g} and was cancelled: check the cluster's quota and max_instances in Studio")
@@ -261,10 +145,10 @@ def poll(ml_client, name: str, settings: DictConfig, stop: threading.Event, sinc
             raise Stopped(name)
 
 
-def wait_one(ml_client, spec: JobSpec, settings: DictConfig, stream: bool, stop: threading.Event,
+def wait_one(ws, spec: JobSpec, settings: DictConfig, stream: bool, stop: threading.Event,
              since: float | None = None):
     """Block until the job ends; its task's return value, or an exception describing the failure."""
-    name = spec.name
+    name, ml_client = spec.name, ws.ml_client
     since = time.monotonic() if since is None else since
     if stream:
         try:
@@ -276,10 +160,10 @@ def wait_one(ml_client, spec: JobSpec, settings: DictConfig, stream: bool, stop:
     status = poll(ml_client, name, settings, stop, since)
     if status != "Completed":
         return RuntimeError(error_text(ml_client, name, status))
-    got = download_results(ml_client, spec, settings)
+    got = download.download_results(ws, spec, settings)
     log.info("Azure ML job %s: downloaded %d result file(s) to %s", name, len(got),
-             spec.job_dir / azjob.AZURE_DIR / RESULTS_DIR)
-    value = task_return(spec.job_dir, f"Azure ML job {name}")
+             spec.job_dir / azjob.AZURE_DIR / download.RESULTS_DIR)
+    value = download.task_return(spec.job_dir, f"Azure ML job {name}")
     log.info("Azure ML job %s completed: its task returned %r", name, value)
     if settings.get("register_model"):
         register_model(ml_client, name, str(settings.register_model))
@@ -313,29 +197,35 @@ def aborts_on_failure() -> bool:
     return "optuna" in target.lower() and float(sweeper.get("max_failure_rate", 0.0) or 0.0) == 0.0
 
 
-def execute(specs: list[JobSpec], settings: DictConfig, ml_client=None, abort_on_failure: bool | None = None) -> list:
+def connect(settings: DictConfig):
+    """The workspace of the launcher's settings, with its retry settings."""
+    return workspace.connect(settings.workspace, retry=workspace.retry_kwargs(settings))
+
+
+def execute(specs: list[JobSpec], settings: DictConfig, ws=None, abort_on_failure: bool | None = None) -> list:
     """Submit every job (and wait, if asked). One outcome per job: its task's return value (None
     when not waiting) or an exception. Clusters are checked once, before the first submission.
     `abort_on_failure`: the sweep ends at the first failed job (default: ask the running sweeper);
     then, and on Ctrl-C, the batch's other jobs are cancelled when `cancel_on_abort` is set."""
     try:
-        ml_client = ml_client or workspace.client(settings.workspace, **workspace.retry_kwargs(settings))
+        ws = ws or connect(settings)
         for name in sorted({s.cluster["name"] for s in specs}):
             first = next(s for s in specs if s.cluster["name"] == name)
-            ensure_cluster(ml_client, first.cluster, first.vm_size, max(s.nodes for s in specs))
+            ensure_cluster(ws.ml_client, first.cluster, first.vm_size, max(s.nodes for s in specs))
     except Exception as e:  # noqa: BLE001 - e.g. not signed in: every job of the batch fails with it
         error = RuntimeError(f"nothing submitted: {type(e).__name__}: {str(e).strip()}")
         return [error] * len(specs)
     abort = aborts_on_failure() if abort_on_failure is None else abort_on_failure
-    return Batch(ml_client, settings, abort).run(specs)
+    return Batch(ws, settings, abort).run(specs)
 
 
 class Batch:
     """The jobs of one batch in flight: submitted and watched in threads, and cancelled together
     when the sweep aborts (a failed job when `abort_on_failure`, or Ctrl-C)."""
 
-    def __init__(self, ml_client, settings: DictConfig, abort_on_failure: bool) -> None:
-        self.ml_client, self.settings, self.abort_on_failure = ml_client, settings, abort_on_failure
+    def __init__(self, ws, settings: DictConfig, abort_on_failure: bool) -> None:
+        self.ws, self.ml_client = ws, ws.ml_client
+        self.settings, self.abort_on_failure = settings, abort_on_failure
         self.cancel_on_abort = bool(settings.get("cancel_on_abort", True))
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -378,7 +268,7 @@ class Batch:
             self._submitted(spec)
             if not self.settings.wait:
                 return None
-            outcome = wait_one(self.ml_client, spec, self.settings, stream, self.stop, since)
+            outcome = wait_one(self.ws, spec, self.settings, stream, self.stop, since)
         except Stopped:
             raise
         except Exception as e:  # noqa: BLE001 - one job's failure must not lose the others' results

@@ -6,7 +6,9 @@ DefaultAzureCredential: `az login`, a managed identity, or AZURE_* environment v
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -49,23 +51,38 @@ def check(ws: DictConfig, start: Path | str | None = None) -> None:
         find_config(ws, Path(start) if start else None)
 
 
-def client(ws: DictConfig, credential=None, **kwargs):
-    """An MLClient for the workspace. kwargs go to the SDK (e.g. `transport=` in tests)."""
+@dataclass
+class Workspace:
+    """The workspace as nlpwf talks to it: the SDK's MLClient, and what nlpwf's own blob clients
+    (storage.py) need beside it: the same credential and the same retry settings."""
+
+    ml_client: Any
+    credential: Any
+    retry: dict = field(default_factory=dict)
+
+
+def connect(ws: DictConfig, credential=None, retry: dict | None = None, **kwargs) -> Workspace:
+    """The workspace's client. `retry`: azure-core's RetryPolicy settings for every request (see
+    retry_kwargs); other kwargs go to the MLClient only (e.g. `transport=` in tests: the blob
+    clients then still talk to storage over the network)."""
     from azure.ai.ml import MLClient
 
     if credential is None:
         from azure.identity import DefaultAzureCredential
 
         credential = DefaultAzureCredential()
+    retry = dict(retry or {})
     if explicit_ids(ws):
-        return MLClient(credential, ws.subscription_id, ws.resource_group, ws.workspace_name, **kwargs)
-    return MLClient.from_config(credential, path=str(find_config(ws)), **kwargs)
+        ml_client = MLClient(credential, ws.subscription_id, ws.resource_group, ws.workspace_name, **retry, **kwargs)
+    else:
+        ml_client = MLClient.from_config(credential, path=str(find_config(ws)), **retry, **kwargs)
+    return Workspace(ml_client, credential, retry)
 
 
 def retry_kwargs(settings: DictConfig) -> dict:
-    """azure-core's RetryPolicy settings for every request of the MLClient (and of the blob
-    downloads, which reuse them): transient errors (408, 429, 5xx, dropped connections) are
-    retried with exponential backoff (backoff_factor * 2**(attempt-1) s, or Azure's Retry-After)."""
+    """azure-core's RetryPolicy settings for every request, ARM's and blob storage's alike:
+    transient errors (408, 429, 5xx, dropped connections) are retried with exponential backoff
+    (backoff_factor * 2**(attempt-1) s, or Azure's Retry-After)."""
     out = {}
     for key in ("retry_total", "retry_backoff_factor", "retry_backoff_max"):
         if settings.get(key) is not None:

@@ -22,8 +22,10 @@ class NlpwfAzureMLLauncher(Launcher):
         self.sweep = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from nlpwf.azureml.launch import check_settings
         from nlpwf.runtime.launching import Sweep
 
+        check_settings(self.settings)  # before the sweeper writes multirun.yaml: a secret is in no file
         self.sweep = Sweep(hydra_context, task_function, config)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:

@@ -61,8 +61,13 @@ class AzureMLLauncherConf:
     cluster: Optional[str] = None
     workspace: WorkspaceConf = field(default_factory=WorkspaceConf)
     environment: EnvironmentConf = field(default_factory=EnvironmentConf)
-    # added to the job's own (OMP_NUM_THREADS, ...); values are strings on Azure
+    # added to the job's own (OMP_NUM_THREADS, ...); values are strings on Azure, stored with the job and
+    # shown in Studio: one that looks like a credential is refused (use key_vault and secrets instead)
     environment_variables: Dict[str, Any] = field(default_factory=dict)
+    # Secrets the job fetches itself at run time, with its cluster's managed identity: environment
+    # variable name -> secret name in this Azure Key Vault (https://VAULT.vault.azure.net). Only names are sent.
+    key_vault: Optional[str] = None
+    secrets: Dict[str, str] = field(default_factory=dict)
     # files above this size stay out of the code snapshot (data and weights belong in datastores)
     snapshot_max_file_mb: float = 20.0
     # where emulate copies the snapshot for each node; null: <job dir>/azureml/emulate, removed
@@ -71,7 +76,8 @@ class AzureMLLauncherConf:
     # How the nodes see the job's inputs (local data and models, uploaded at submit, and azureml:
     # URIs): ro_mount (read on demand) or download (copied to the node's disk before the command).
     input_mode: str = "ro_mount"
-    # The datastore of the job's checkpoints output (azureml://datastores/NAME/paths/nlpwf/checkpoints/JOB/).
+    # The blob datastore of the job's checkpoints output (azureml://datastores/NAME/paths/nlpwf/checkpoints/JOB/)
+    # and of its uploaded local inputs (LocalUpload/<content hash>/).
     datastore: str = "workspaceblobstore"
     # A job name (or an azureml://datastores/... folder): the new job writes to and resumes from that
     # job's checkpoints output (resubmitting a preempted or failed job; training.resume=auto).
