@@ -114,6 +114,9 @@ def test_one_call_sets_a_process_up_and_says_what_it_got(monkeypatch):
     assert env.allocator in ("system", "jemalloc", "tcmalloc")  # glibc left alone: perf.keep_freed_memory=false
     report = subprocess.run([sys.executable, "-m", "nlpwf.runtime.process"], capture_output=True, text=True, check=True).stdout
     assert "cores:" in report and "DDP backend:" in report and isa.detect().summary() in report
+    old = subprocess.run([sys.executable, "-m", "nlpwf.training.cpu"], capture_output=True, text=True)
+    assert old.returncode == 2  # the old entry point says where it went, in one line
+    assert old.stderr.strip() == "nlpwf: error: python -m nlpwf.training.cpu has moved: run python -m nlpwf.runtime.process"
 
 
 def test_unknown_comm_hook_is_refused():
