@@ -1,4 +1,5 @@
-"""nlpwf: fine-tune transformer encoders for sentence-pair classification on CPU clusters."""
+"""nlpwf: fine-tune transformer encoders for text classification and regression (single texts or
+pairs; classes or a score) on CPU clusters."""
 from pathlib import Path
 
 __version__ = "0.1.0"

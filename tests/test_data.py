@@ -3,10 +3,12 @@ tasks, your own files and the task detection: tests/test_tasks.py)."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 
 import pytest
 
-from nlpwf.data import glue, sample
+from nlpwf import PROJECT_ROOT
+from nlpwf.data import glue
 from nlpwf.data.splits import SAMPLE_DIR, load_splits
 from nlpwf.data.tokenize import tokenize
 from nlpwf.errors import UserError
@@ -74,6 +76,54 @@ def test_glue_unlabelled_test_file_is_refused_with_advice(tmp_path):
         read_glue_tsv(path)
 
 
+# ---- one reader of delimited text: training files, GLUE folders and the serving stages' inputs ----
+
+def _files_cfg(train, dev):
+    return compose("dataset=files", f"dataset.train_file={train}", f"dataset.eval_file={dev}", "dataset.text_columns=[text]").dataset
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_training_and_predict_read_a_file_alike(tmp_path, suffix):
+    """The same CSV or TSV gives the same texts to training (dataset=files) and to the serving
+    stages' chunked reader: quoted commas and newlines in CSV, stray quotes in TSV, a BOM."""
+    from nlpwf.inference.textfiles import TextReader
+
+    texts = ['a "quoted" word, then a comma', "two\nlines" if suffix == ".csv" else 'a lone " quote', "plain"]
+    path = tmp_path / f"train{suffix}"
+    with path.open("w", encoding="utf-8-sig", newline="") as f:
+        if suffix == ".csv":
+            csv.writer(f).writerows([["text", "label"], *[[t, i % 2] for i, t in enumerate(texts)]])
+        else:
+            f.write("text\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(texts)))
+    _, splits = load_splits(_files_cfg(path, path))
+    with TextReader(path, [["text"]], chunk_rows=2) as reader:
+        served = [text for chunk in reader.chunks() for text in chunk.texts[0]]
+    assert splits["train"]["sentence1"] == served == texts
+
+
+def test_a_row_with_the_wrong_field_count_names_its_line_in_training_and_serving(tmp_path):
+    from nlpwf.inference.textfiles import TextReader
+
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\nfine,1\nalso fine,0\none field too many,1,extra\n")
+    with pytest.raises(UserError, match=r"train\.csv:4: 3 fields where the header has 2: fix that line"):
+        load_splits(_files_cfg(path, path))
+    with pytest.raises(UserError, match=r"train\.csv:4: 3 fields where the header has 2"):
+        with TextReader(path, [["text"]]) as reader:
+            list(reader.chunks())
+
+
+def test_bytes_that_are_not_utf8_are_one_line_errors(tmp_path):
+    from nlpwf.inference.textfiles import TextReader
+
+    path = tmp_path / "train.tsv"
+    path.write_bytes(GLUE_HEADER.encode() + b"\n1\t1\t2\tcaf\xe9\tsecond\n")
+    for read in (lambda: read_glue_tsv(path), lambda: list(TextReader(path, [["#1 String"]]).chunks())):
+        with pytest.raises(UserError, match=r"train\.tsv: not UTF-8 text after line \d+ .*: save the file as UTF-8") as e:
+            read()
+        assert "\n" not in str(e.value)
+
+
 def test_folder_splits_and_limits(glue_dir):
     cfg = compose("dataset=mrpc", f"dataset.data_dir={glue_dir}", "dataset.max_train_samples=10").dataset
     task, splits = load_splits(cfg)
@@ -105,6 +155,10 @@ def test_hub_offline_fails_fast_with_advice(monkeypatch):
 
 
 def test_shipped_samples_are_what_the_generator_writes(tmp_path):
+    # The generator is a script of the repository (tools/), not part of the installed package.
+    spec = importlib.util.spec_from_file_location("make_samples", PROJECT_ROOT / "tools" / "make_samples.py")
+    sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample)
     sample.main(tmp_path / "paraphrase", topic_dir=tmp_path / "topic")
     for name in ("train.tsv", "dev.tsv"):
         assert (tmp_path / "paraphrase" / name).read_bytes() == (SAMPLE_DIR / "paraphrase_sample" / name).read_bytes()

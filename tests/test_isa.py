@@ -3,6 +3,7 @@ ranks of a job agreeing on the least capable node's answer."""
 from __future__ import annotations
 
 import multiprocessing as mp
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +63,16 @@ def test_this_machine_is_detected():
     found = isa.detect()
     assert found.cpu and isinstance(found.native_bf16, bool)
     assert "native_bf16" in found.as_dict()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="needs Linux's /proc/cpuinfo to compare with")
+def test_torch_public_probe_agrees_with_the_kernel():
+    """The fallback where /proc/cpuinfo is missing (torch.cpu.get_capabilities) reads the same
+    features as the kernel on this machine, under its own names (avx512_f for avx512f)."""
+    kernel = isa.from_cpuinfo(Path("/proc/cpuinfo").read_text())
+    probed = isa.from_torch()
+    features = [name for name in isa.NEEDS]
+    assert {f: getattr(probed, f) for f in features} == {f: getattr(kernel, f) for f in features}
 
 
 def _rank(rank: int, port: int, native: bool, out) -> None:

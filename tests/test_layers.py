@@ -1,9 +1,10 @@
-"""The package's shape: imports point one way, down the layers, with no cycles.
+"""The package's shape: imports point one way, down the layers, with no cycles; no stage
+imports another; no function is over 60 lines.
 
     cli → azureml → stages → training, inference → data, models → config, results, runtime → errors
 
 Read from the source with `ast` (every import, including any inside a function), so the shape
-is checked without importing anything. The checker is also run on planted violations, so a
+is checked without importing anything. The checkers are also run on planted violations, so a
 test that passes here is a test that could fail.
 """
 from __future__ import annotations
@@ -84,6 +85,9 @@ def subpackage(module: str) -> str:
 def violations(graph: dict[str, set[tuple[str, bool]]]) -> list[str]:
     found = []
     for module, targets in sorted(graph.items()):
+        if module.startswith("nlpwf.stages."):
+            found += [f"{module} imports {t}: a stage composes the layers below it, never another stage (move the shared "
+                      f"piece down into inference/, data/ or runtime/)" for t, _ in sorted(targets) if t.startswith("nlpwf.stages")]
         if layer(module) is None:
             found.append(f"{module} belongs to no layer: put it in one of {sorted(LAYERS)}")
         for target, at_top in sorted(targets):
@@ -158,6 +162,8 @@ def test_the_launchers_do_not_import_the_cli():
     ("nlpwf.stages", "from nlpwf.cli import main\n", ["nothing imports the CLI", "import cycle"]),
     ("nlpwf.results.files", "def f():\n    from nlpwf.errors import UserError\n", ["inside a function"]),
     ("nlpwf.training.sigterm", "from nlpwf.training.trainer import build\n", ["import cycle"]),
+    ("nlpwf.stages.benchmark", "from nlpwf.stages.evaluate import run\n", ["never another stage"]),
+    ("nlpwf.stages.quantize", "from nlpwf.stages import get\n", ["never another stage"]),
 ])
 def test_the_checker_catches_planted_violations(module, planted, expected):
     srcs = sources(PROJECT_ROOT)
@@ -173,9 +179,41 @@ def test_the_checker_catches_a_module_outside_the_layers():
     assert any("nlpwf.helpers belongs to no layer" in v for v in violations(imports(srcs)))
 
 
+# ---- function length ----------------------------------------------------------------------
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(srcs: dict[str, str], limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Every function (or method) longer than `limit` lines, counted from its first decorator
+    to its last line, docstring and comments included: what a reader has to hold at once."""
+    found = []
+    for module, text in sorted(srcs.items()):
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                lines = node.end_lineno - first + 1
+                if lines > limit:
+                    found.append(f"{module}.{node.name} (line {first}): {lines} lines")
+    return found
+
+
+def test_no_function_in_the_package_is_over_60_lines():
+    assert long_functions(sources(PROJECT_ROOT)) == []
+
+
+def test_the_length_check_counts_decorators_docstrings_and_nested_functions():
+    body = "\n".join(f"    x{i} = {i}" for i in range(57))
+    fits = f"def fits():\n    \"\"\"Doc.\"\"\"\n{body}\n    return x0\n"  # 60 lines
+    assert long_functions({"m": fits}) == []
+    assert long_functions({"m": "@decorator\n" + fits}) == ["m.fits (line 1): 61 lines"]
+    nested = "def outer():\n" + "".join("    " + line + "\n" for line in fits.splitlines()) + "    return fits\n"
+    assert long_functions({"m": nested}) == ["m.outer (line 1): 62 lines"]
+
+
 if __name__ == "__main__":  # python tests/test_layers.py ROOT: the check on another checkout
     import sys
 
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else PROJECT_ROOT
-    for line in violations(imports(sources(root))):
+    for line in violations(imports(sources(root))) + long_functions(sources(root)):
         print(line)

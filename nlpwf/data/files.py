@@ -1,25 +1,25 @@
 """Your own files: CSV, TSV, JSON Lines or Parquet, told apart by extension.
 
-Each is read by `datasets` into its Arrow cache and memory-mapped from there, so a file of a
-million rows is never a million rows of Python objects. CSV and TSV are read with every column
-as text (pandas would otherwise guess each chunk's types on its own, and turn a text "NA" or
-"null" into a missing value); which labels are numbers is decided afterwards, once, for the
-whole column (tasks.py). TSV is tab separated with no quoting, as GLUE writes it.
+Each is read into datasets' Arrow cache and memory-mapped from there, so a file of a million
+rows is never a million rows of Python objects. CSV and TSV are read by nlpwf's one reader of
+delimited text (delimited.py; TSV as GLUE writes it, tabs and no quoting) with every column as
+text, so a text "NA" or "null" stays text; which labels are numbers is decided afterwards,
+once, for the whole column (tasks.py). JSON Lines and Parquet are read by datasets' own builders.
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
+from typing import Iterator
 
 import datasets
 
+from nlpwf.data import delimited
 from nlpwf.errors import UserError
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 KNOWN = ".csv, .tsv, .jsonl (or .json) or .parquet"
-
-# A CSV field may be long (a paragraph); the csv module's default cap is 128 KiB.
-csv.field_size_limit(16 * 1024 * 1024)
+# Bump when what the reader produces from a CSV or TSV file changes: the Arrow cache is keyed on it.
+READER_VERSION = "1"
 
 
 def file_format(path: Path, formats: dict[str, str] = FORMATS, known: str = KNOWN) -> str:
@@ -44,16 +44,14 @@ def read_file(path: str | Path, key: str, cache_dir: str | None = None) -> datas
         raise UserError(f"{key}={path} is not a file: give an existing {KNOWN} file")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty: it needs a header line (or JSON keys) and at least one row")
-    kwargs: dict = {}
-    builder = fmt
     if fmt in ("csv", "tsv"):
-        builder = "csv"
-        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
-        header = _header(path, dialect)
-        kwargs = {**dialect, "features": datasets.Features({c: datasets.Value("string") for c in header}),
-                  "keep_default_na": False, "na_filter": False, "encoding": "utf-8-sig"}
+        header = _header(path, fmt)
+        features = datasets.Features({column: datasets.Value("string") for column in header})
+        # A tuple: datasets would take a list in gen_kwargs for shards to spread over processes.
+        return delimited.to_dataset(_records, {"path": path, "fmt": fmt, "header": tuple(header)}, features, path,
+                                    f"files {READER_VERSION} {fmt}", cache_dir)
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **kwargs)
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache_dir)
     except Exception as e:  # the parser's own message says what and where; the fix is always the file
         cause = e.__cause__ or e
         message = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else type(cause).__name__
@@ -63,9 +61,22 @@ def read_file(path: str | Path, key: str, cache_dir: str | None = None) -> datas
     return ds
 
 
-def _header(path: Path, dialect: dict) -> list[str]:
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        header = next(csv.reader(f, **dialect), None)
+def _records(path: Path, fmt: str, header: tuple[str, ...]) -> Iterator[dict]:
+    """The rows after the header, as {column: text}, each checked to have the header's fields."""
+    lines = delimited.rows(path, fmt)
+    next(lines)  # the header
+    count = 0
+    for _, row in delimited.records(lines, header, path):
+        count += 1
+        yield dict(zip(header, row))
+    if count == 0:
+        raise UserError(f"{path} has no rows: an empty split cannot be trained or evaluated on")
+
+
+def _header(path: Path, fmt: str) -> list[str]:
+    lines = delimited.rows(path, fmt)
+    _, header = next(lines, (None, None))
+    lines.close()
     if not header:
         raise UserError(f"{path} has no header line: its first line must name the columns")
     blank = [i + 1 for i, name in enumerate(header) if not name.strip()]

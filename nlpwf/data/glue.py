@@ -3,8 +3,8 @@
 Every task has its own file layout: CoLA's train/dev files have no header line, MNLI's dev
 files are dev_matched.tsv and dev_mismatched.tsv, MNLI, QNLI and RTE write their labels as
 names and the others as 0/1, STS-B's label is a float score, and GLUE's test files carry no
-labels. The files are tab separated with no quoting (MRPC and SST-2 hold stray `"` that a CSV
-reader would take for quotes and silently merge rows) and may start with a byte-order mark.
+labels. The files are tab separated with no quoting and may start with a byte-order mark: read
+by data.delimited as TSV.
 
 A file is read line by line into datasets' Arrow cache (memory-mapped, so MNLI's 393k pairs
 never sit in Python lists), every line checked on the way: a wrong line is reported by number.
@@ -13,8 +13,6 @@ trained from a folder and one trained from the Hub agree on what label 1 means.
 """
 from __future__ import annotations
 
-import csv
-import hashlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -23,6 +21,8 @@ from typing import Iterator
 
 import datasets
 
+from nlpwf.data import delimited
+from nlpwf.data.tasks import Task, features
 from nlpwf.errors import UserError
 
 HUB_ID = "nyu-mll/glue"
@@ -57,6 +57,10 @@ class GlueTask:
         """The columns that identify this task's files."""
         return [*self.texts.values(), self.label]
 
+    def as_task(self) -> Task:
+        """What a model learns from this task's files: its texts (the Hub's names) and labels."""
+        return Task(self.name, tuple(self.texts), "label", self.labels)
+
 
 NLI = ("entailment", "not_entailment")
 TASKS: dict[str, GlueTask] = {t.name: t for t in [
@@ -88,60 +92,36 @@ def split_file(glue: GlueTask, folder: Path, split: str) -> Path:
     return folder / glue.files[split]
 
 
-def features(glue: GlueTask) -> datasets.Features:
-    """sentence1 (and sentence2) and label, as every source ends (splits.py)."""
-    texts = {name: datasets.Value("string") for name in ("sentence1", "sentence2")[:len(glue.texts)]}
-    label = datasets.Value("float32") if glue.regression else datasets.ClassLabel(names=list(glue.labels))
-    return datasets.Features({**texts, "label": label})
-
-
 def read_split(glue: GlueTask, path: Path, cache_dir: str | None = None) -> datasets.Dataset:
     """One GLUE file as a memory-mapped Dataset of sentence1 (sentence2) and label."""
-    path = Path(path)
-    stat = path.stat()
-    # The cache entry is this file as it is now: a rewritten file is read again.
-    key = f"{READER_VERSION}|{glue.name}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    try:
-        return datasets.Dataset.from_generator(
-            rows, features=features(glue), gen_kwargs={"glue": glue, "path": path}, cache_dir=cache_dir,
-            fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
-        )
-    except datasets.exceptions.DatasetGenerationError as e:
-        if isinstance(e.__cause__, UserError):  # a bad line, found while the cache was written
-            raise e.__cause__ from None
-        raise
+    return delimited.to_dataset(rows, {"glue": glue, "path": Path(path)}, features(glue.as_task()), Path(path),
+                                f"glue {READER_VERSION} {glue.name}", cache_dir)
 
 
 def rows(glue: GlueTask, path: Path) -> Iterator[dict]:
     """The rows of one GLUE file as {"sentence1", ("sentence2"), "label"}, each line checked."""
     path = Path(path)
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        lines = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        first = next(lines, None)
-        if not first:
-            raise UserError(f"{path} is empty: GLUE's {glue.title} files have {glue.layout()} and at least one labelled row")
-        _check_first_line(glue, path, first)
-        header = list(glue.headerless) or first
-        index = {name: header.index(column) for name, column in zip(("sentence1", "sentence2"), glue.texts.values())}
-        label_at = header.index(glue.label)
-        count = 0
-        numbered = ((lines.line_num, row) for row in lines)
-        if glue.headerless:  # its first line is a row
-            numbered = itertools.chain([(1, first)], numbered)
-        for lineno, row in numbered:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise UserError(f"{path}:{lineno}: expected {len(header)} tab-separated columns, found {len(row)}: "
-                                f"fix that line (GLUE files use tabs and no quoting)")
-            out = {name: row[i] for name, i in index.items()}
-            if not glue.empty_texts:
-                for i in index.values():
-                    if not row[i].strip():
-                        raise UserError(f"{path}:{lineno}: the {header[i]} column is empty: every row needs its text")
-            out["label"] = _label(glue, row[label_at], path, lineno)
-            count += 1
-            yield out
+    lines = delimited.rows(path, "tsv")
+    first = next(lines, None)
+    if first is None:
+        raise UserError(f"{path} is empty: GLUE's {glue.title} files have {glue.layout()} and at least one labelled row")
+    _check_first_line(glue, path, first[1])
+    header = list(glue.headerless) or first[1]
+    index = {name: header.index(column) for name, column in zip(("sentence1", "sentence2"), glue.texts.values())}
+    label_at = header.index(glue.label)
+    count = 0
+    for lineno, row in itertools.chain([first], lines) if glue.headerless else lines:  # CoLA's first line is a row
+        if len(row) != len(header):
+            raise UserError(f"{path}:{lineno}: expected {len(header)} tab-separated columns, found {len(row)}: "
+                            f"fix that line (GLUE files use tabs and no quoting)")
+        out = {name: row[i] for name, i in index.items()}
+        if not glue.empty_texts:
+            for i in index.values():
+                if not row[i].strip():
+                    raise UserError(f"{path}:{lineno}: the {header[i]} column is empty: every row needs its text")
+        out["label"] = _label(glue, row[label_at], path, lineno)
+        count += 1
+        yield out
     if count == 0:
         raise UserError(f"{path} has no rows: an empty split cannot be trained or evaluated on")
 

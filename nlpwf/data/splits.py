@@ -50,7 +50,7 @@ def load_splits(cfg: DictConfig) -> tuple[Task, datasets.DatasetDict]:
             raise UserError(f"dataset.data_dir={cfg.data_dir} needs a GLUE task to read it (dataset=cola, sst2, mrpc, qqp, "
                             f"stsb, mnli, qnli, rte or wnli); for your own files use dataset=files with dataset.train_file")
         splits = {name: glue.read_split(glue_task, _glue_file(glue_task, folder, split)) for name, split in wanted.items()}
-        task = Task(_task_name(cfg, glue_task), tuple(glue_task.texts), "label", glue_task.labels)
+        task = glue_task.as_task()
     elif cfg.get("hub_id"):
         raw = {name: _from_hub(cfg.hub_id, cfg.get("hub_config"), split) for name, split in wanted.items()}
         where = {name: f"{cfg.hub_id}/{cfg.get('hub_config')} split {split!r}" for name, split in wanted.items()}

@@ -74,6 +74,7 @@ class Task:
 
 
 def features(task: Task) -> datasets.Features:
+    """sentence1 (and sentence2) and label: the columns every source's splits end with."""
     texts = {name: datasets.Value("string") for name in TEXT_FIELDS[:len(task.text_columns)]}
     label = datasets.Value("float32") if task.regression else datasets.ClassLabel(names=list(task.labels))
     return datasets.Features({**texts, "label": label})

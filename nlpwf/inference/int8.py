@@ -25,8 +25,9 @@ from typing import Callable, Sequence
 import torch
 
 from nlpwf import models
+from nlpwf.data.tasks import TEXT_FIELDS
 from nlpwf.errors import UserError
-from nlpwf.inference.classifier import SequenceLogits
+from nlpwf.inference.classifier import Classifier, SequenceLogits
 from nlpwf.runtime.isa import Isa
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,15 @@ def uncalibrated_observers(prepared: torch.nn.Module) -> list[str]:
     """Observers that never saw a tensor: their min_val is still empty or +inf."""
     return [name for name, m in _observers(prepared)
             if m.min_val.numel() == 0 or bool(torch.isinf(m.min_val).any())]
+
+
+def calibration_batches(classifier: Classifier, split, samples: int, batch_size: int) -> list[Batch]:
+    """A seeded sample of a prepared split (the train split), as model inputs. Random rather
+    than the first rows: files are often sorted, and the scales should see the spread of real
+    inputs."""
+    sample = split.shuffle(seed=0).select(range(min(samples, len(split))))
+    texts = [sample[name] for name in TEXT_FIELDS if name in sample.column_names]
+    return [inputs for _, inputs in classifier.batches(*texts, batch_size=batch_size)]
 
 
 def calibrate(prepared: torch.nn.Module, batches: Sequence[Batch]) -> None:

@@ -1,7 +1,8 @@
 """Text files for the serving stages (TSV, CSV, JSONL): read in chunks, written atomically.
 
 A file holds one text per row, or a pair, plus any other columns (passed through to the
-output), and for `evaluate` a label. Reading never holds more than one chunk of rows; writing
+output), and for `evaluate` a label. CSV and TSV are read by nlpwf's one reader of delimited
+text (data.delimited), JSON Lines line by line. Reading never holds more than one chunk of rows; writing
 goes to a hidden temporary file beside the output that is renamed over it only when every row
 is written, so an output file that exists is always complete.
 """
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from nlpwf.data import files, glue
+from omegaconf import DictConfig
+
+from nlpwf.data import delimited, files, glue
 from nlpwf.data.tasks import Task
 from nlpwf.errors import UserError
 from nlpwf.results.files import AtomicFile
@@ -29,6 +32,17 @@ LABELS = ("label", "Quality")
 
 def file_format(path: Path) -> str:
     return files.file_format(path, FORMATS, KNOWN)
+
+
+def configured_columns(stage: DictConfig) -> list[str] | None:
+    """The text columns a serving stage's config names: stage.text_columns, or the older
+    stage.sentence1_column / sentence2_column of pair models (either may be left to detection, as
+    None); None to find them all from the model."""
+    if stage.get("text_columns"):
+        columns = stage.text_columns
+        return [columns] if isinstance(columns, str) else list(columns)
+    pair = [stage.get("sentence1_column"), stage.get("sentence2_column")]
+    return pair if any(pair) else None
 
 
 def text_candidates(task: Task, configured: Sequence[str] | None) -> list[list[str]]:
@@ -108,8 +122,9 @@ class TextReader:
             raise UserError(f"chunk_rows={chunk_rows}: use 1 or more rows per chunk")
         self.format = file_format(self.path)
         self.chunk_rows = chunk_rows
-        self._file = self.path.open(encoding="utf-8-sig", newline="")
-        self._lines = self._records()
+        self._file = delimited.open_text(self.path)
+        # Records as (line number, fields or JSON object); CSV and TSV by nlpwf's one delimited reader.
+        self._lines = self._json_records() if self.format == "jsonl" else delimited.read(self._file, self.format, self.path)
         self._first = next(self._lines, None)
         if self._first is None:
             self.close()
@@ -123,19 +138,17 @@ class TextReader:
             raise
         if self.format != "jsonl":
             self._first = None  # the header line is not a row
+            self._lines = delimited.records(self._lines, self.header, self.path)
         self.rows_read = 0
 
-    def _records(self) -> Iterator[tuple[int, object]]:
-        if self.format == "jsonl":
+    def _json_records(self) -> Iterator[tuple[int, dict]]:
+        lineno = 0
+        try:
             for lineno, line in enumerate(self._file, start=1):
                 if line.strip():
                     yield lineno, self._json(line, lineno)
-            return
-        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if self.format == "tsv" else {}
-        reader = csv.reader(self._file, **dialect)
-        for row in reader:
-            if row:
-                yield reader.line_num, row
+        except UnicodeDecodeError as e:
+            raise delimited.not_utf8(self.path, lineno, e) from None
 
     def _json(self, line: str, lineno: int) -> dict:
         try:
@@ -161,9 +174,7 @@ class TextReader:
                 raise UserError(f"{self.path}:{lineno}: no key {missing[0]!r}: every line needs the keys of the first")
             values = [record[c] for c in self.columns]
             label = record[self.label_column] if self.label_column else None
-        else:
-            if len(record) != len(self.header):
-                raise UserError(f"{self.path}:{lineno}: {len(record)} fields where the header has {len(self.header)}: fix that line")
+        else:  # as many fields as the header: delimited.records checked
             values = [record[self.header.index(c)] for c in self.columns]
             label = record[self.header.index(self.label_column)] if self.label_column else None
         if not all(isinstance(v, str) for v in values):

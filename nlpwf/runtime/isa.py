@@ -71,11 +71,14 @@ def from_cpuinfo(text: str) -> Isa | None:
                avx_vnni="avx_vnni" in flags, amx_bf16="amx_bf16" in flags, amx_int8="amx_int8" in flags)
 
 
-def _from_torch() -> Isa:
-    # torch's own CPUID probe (cpuinfo library); private, so only where /proc/cpuinfo is missing.
+def from_torch() -> Isa:
+    """torch's own CPUID probe (the cpuinfo library): where /proc/cpuinfo is missing (not Linux).
+    Its names are cpuinfo's (`avx512_f` for the kernel's `avx512f`). An older torch without this
+    public probe reports nothing here, so nothing counts as native: fp32, never a guess."""
     import torch
 
-    caps = torch._C._cpu._get_cpu_capability()
+    probe = getattr(torch.cpu, "get_capabilities", None)
+    caps = probe() if probe is not None else {}
     return Isa(cpu=str(caps.get("cpu_name", "unknown CPU")), avx512=bool(caps.get("avx512_f")),
                avx512_bf16=bool(caps.get("avx512_bf16")), avx512_vnni=bool(caps.get("avx512_vnni")),
                avx_vnni=bool(caps.get("avx_vnni")), amx_bf16=bool(caps.get("amx_bf16")), amx_int8=bool(caps.get("amx_int8")))
@@ -110,7 +113,7 @@ def detect() -> Isa:
         isa = from_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
         isa = None
-    return onednn_cap(isa or _from_torch(), os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"))
+    return onednn_cap(isa or from_torch(), os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"))
 
 
 def choose(requested: str, native_bf16: bool) -> str:

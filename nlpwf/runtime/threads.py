@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import psutil
+from omegaconf import DictConfig
 
 
 def physical_cores() -> int:
@@ -24,3 +25,9 @@ def set_threads(n: int) -> int:
     os.environ["OMP_NUM_THREADS"] = str(n)
     torch.set_num_threads(n)
     return n
+
+
+def serving_threads(cfg: DictConfig) -> int:
+    """A serving stage's threads: one process on the node, so all its cores, unless
+    compute.threads_per_process says otherwise. Sets them and returns the count."""
+    return set_threads(threads_per_process(cfg.compute.threads_per_process, 1))

@@ -30,11 +30,10 @@ from nlpwf.errors import UserError
 from nlpwf.inference import int8
 from nlpwf.inference.classifier import Classifier, tensors
 from nlpwf.inference.load import load_fp32, saved_task
+from nlpwf.inference.scoring import examples_of, score
 from nlpwf.results import files, metrics
 from nlpwf.runtime import isa
-from nlpwf.stages.evaluate import examples_of, score
-from nlpwf.stages.quantize import calibration_batches
-from nlpwf.stages.serving import serving_threads
+from nlpwf.runtime.threads import serving_threads
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
     data_task, splits = load_splits(cfg.dataset)
     examples = examples_of(splits["eval"], data_task, task)
     base = Classifier(load_fp32(source), tokenizer, stage.max_length, task=task)
-    calibration = calibration_batches(base, splits["train"], stage.calibration_samples, stage.batch_size)
+    calibration = int8.calibration_batches(base, splits["train"], stage.calibration_samples, stage.batch_size)
     workload = {bs: inputs(tokenizer, splits["eval"], bs, stage.calls_per_round, stage.seq_length, stage.max_length)
                 for bs in stage.batch_sizes}
 

@@ -11,17 +11,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 from omegaconf import DictConfig
 
 from nlpwf.data.splits import load_splits
-from nlpwf.data.tasks import TEXT_FIELDS, Task, relabel
-from nlpwf.errors import UserError
+from nlpwf.data.tasks import Task
 from nlpwf.inference import textfiles
-from nlpwf.inference.classifier import Classifier
 from nlpwf.inference.load import load_classifier
-from nlpwf.results import files, metrics
-from nlpwf.stages.serving import configured_columns, serving_threads
+from nlpwf.inference.scoring import examples_of, score
+from nlpwf.results import files
+from nlpwf.runtime.threads import serving_threads
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +28,7 @@ def labelled_examples(cfg: DictConfig, task: Task) -> tuple[list[list[str]], lis
     """(texts: one list per text column, labels in the model's terms, where they came from)."""
     stage = cfg.stage
     if stage.file:
-        configured = configured_columns(stage)
+        configured = textfiles.configured_columns(stage)
         with textfiles.TextReader(stage.file, textfiles.text_candidates(task, configured),
                                   textfiles.label_candidates(task, stage.get("label_column"))) as reader:
             texts, labels = [[] for _ in task.text_columns], []
@@ -42,30 +40,6 @@ def labelled_examples(cfg: DictConfig, task: Task) -> tuple[list[list[str]], lis
     data_task, splits = load_splits(cfg.dataset)
     texts, labels = examples_of(splits["eval"], data_task, task)
     return texts, labels, f"{cfg.dataset.name}/{cfg.dataset.eval_split}"
-
-
-def examples_of(split, data_task: Task, task: Task) -> tuple[list[list[str]], list]:
-    """A prepared split's texts and labels, its label ids turned into the model's."""
-    if len(data_task.text_columns) != len(task.text_columns):
-        raise UserError(f"the model takes {len(task.text_columns)} text(s) per example ({', '.join(task.text_columns)}) "
-                        f"but the data has {len(data_task.text_columns)} ({', '.join(data_task.text_columns)}): "
-                        f"use data of the task it was trained for")
-    texts = [split[name] for name in TEXT_FIELDS[:len(task.text_columns)]]
-    mapping = relabel(data_task, task)
-    labels = split["label"] if mapping is None else np.asarray(mapping)[np.asarray(split["label"], dtype=int)].tolist()
-    return texts, labels
-
-
-def score(classifier: Classifier, texts: list[list[str]], labels, batch_size: int) -> dict:
-    """The model task's metrics on these examples, named eval_*, as a training job names them."""
-    task = classifier.task
-    outputs = classifier.logits(*texts, batch_size=batch_size)
-    result = {f"eval_{k}": v for k, v in metrics.scores(task.name, task.num_labels, labels, outputs).items()}
-    if not task.regression:
-        predicted = metrics.predictions(outputs, task.num_labels)
-        result["eval_confusion_matrix"] = metrics.confusion(labels, predicted, task.num_labels)
-    result["eval_pairs"] = len(labels)
-    return result
 
 
 def run(cfg: DictConfig, job_dir: Path) -> dict:

@@ -24,15 +24,14 @@ from omegaconf import DictConfig
 
 from nlpwf import models
 from nlpwf.data.splits import load_splits
-from nlpwf.data.tasks import TEXT_FIELDS
 from nlpwf.errors import UserError
 from nlpwf.inference import int8
 from nlpwf.inference.classifier import Classifier
 from nlpwf.inference.load import load_fp32, saved_task
+from nlpwf.inference.scoring import examples_of, score
 from nlpwf.results import files, metrics
 from nlpwf.runtime import isa
-from nlpwf.stages.evaluate import examples_of, score
-from nlpwf.stages.serving import serving_threads
+from nlpwf.runtime.threads import serving_threads
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +87,6 @@ def resolve_backend(stage: DictConfig, found: isa.Isa, benchmark: dict | None = 
     return chosen, f"stage.backend=auto on {found.summary()}: fastest INT8 backend measured by {source}"
 
 
-def calibration_batches(classifier: Classifier, split, samples: int, batch_size: int) -> list:
-    """A seeded sample of the train split, as model inputs. Random rather than the first rows:
-    files are often sorted, and the scales should see the spread of real inputs."""
-    sample = split.shuffle(seed=0).select(range(min(samples, len(split))))
-    texts = [sample[name] for name in TEXT_FIELDS if name in sample.column_names]
-    return [inputs for _, inputs in classifier.batches(*texts, batch_size=batch_size)]
-
-
 def weights_mb(folder: Path) -> float:
     """Size of the weight files alone (not the tokenizer or config)."""
     names = set(models.WEIGHT_FILES) | {int8.TORCH_WEIGHTS}
@@ -124,7 +115,7 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
     examples = examples_of(splits["eval"], data_task, task)
     gate = f"eval_{metrics.main_metric(task.name, task.num_labels)}"
     baseline = score(fp32, *examples, stage.batch_size)
-    calibration = calibration_batches(fp32, splits["train"], stage.calibration_samples, stage.batch_size)
+    calibration = int8.calibration_batches(fp32, splits["train"], stage.calibration_samples, stage.batch_size)
 
     start = time.perf_counter()
     qmodel = _quantize(stage, backend, fp32, calibration, examples, gate, baseline[gate])

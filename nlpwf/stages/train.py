@@ -13,9 +13,9 @@ them on its nodes. Each rank, however started, runs `train`; only rank 0 writes 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
+import datasets
 from omegaconf import DictConfig
 from transformers import TrainerCallback, set_seed
 
@@ -25,24 +25,25 @@ from nlpwf.data.splits import load_splits, test_file
 from nlpwf.data.tasks import Task
 from nlpwf.data.tokenize import tokenize
 from nlpwf.errors import Interrupted
+from nlpwf.inference import predictions
 from nlpwf.inference.classifier import Classifier, SequenceLogits
 from nlpwf.results import files, metrics, plots
-from nlpwf.runtime import collective, contract, isa, jobfile, threads, workers
+from nlpwf.runtime import collective, contract, isa, jobfile, process, threads, workers
 from nlpwf.runtime.peers import peer_loss
-from nlpwf.stages import predict
-from nlpwf.training import checkpoints, cpu, recorder, tracking
+from nlpwf.training import addons, checkpoints, recorder, tracking
 from nlpwf.training.trainer import build, check_model_limits, check_objective, final_eval, training_arguments
 
 log = logging.getLogger(__name__)
 
 
-def preflight(cfg: DictConfig) -> None:
-    """Everything that can reject the input, run once before worker processes start, so a
-    mistake is reported once and not by every rank."""
+def preflight(cfg: DictConfig) -> tuple[Task, datasets.DatasetDict]:
+    """Everything that can reject the input, before any model is loaded; run once more before
+    worker processes start, so a mistake is reported once and not by every rank."""
     check_job(cfg)
     check_model_limits(cfg)
-    task, _ = load_splits(cfg.dataset)
+    task, splits = load_splits(cfg.dataset)
     check_task(cfg, task)
+    return task, splits
 
 
 def check_task(cfg: DictConfig, task: Task) -> None:
@@ -51,7 +52,7 @@ def check_task(cfg: DictConfig, task: Task) -> None:
     check_objective(cfg.objective, task)
     path = test_file(cfg.dataset)
     if path is not None:
-        with predict.open_input(path, task, None, chunk_rows=4096) as reader:
+        with predictions.open_input(path, task, None, chunk_rows=4096) as reader:
             for _ in reader.chunks():
                 pass
 
@@ -81,69 +82,68 @@ def run_local_workers(cfg: DictConfig, job_dir: Path) -> dict:
 def train(cfg: DictConfig, job_dir: Path, callbacks: list[TrainerCallback] = ()) -> dict | None:
     """Train and evaluate in this process. Returns the metrics on rank 0, None on other ranks.
     `callbacks` go to the Trainer after nlpwf's own (benchmarks use them to observe steps)."""
-    rank = contract.from_env() or contract.Rank()
-    if not rank.is_main:
-        logging.getLogger().setLevel(logging.WARNING)
-    # Processes on this machine: torchrun and nlpwf's workers say it; Azure ML does not (its
-    # contract has no LOCAL_WORLD_SIZE), so a rank of a multi-process job takes it from the job.
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or (cfg.compute.processes_per_node if rank.world_size > 1 else 1))
-    n_threads = threads.set_threads(int(os.environ.get("OMP_NUM_THREADS")
-                                        or threads.threads_per_process(cfg.compute.threads_per_process, local_world)))
-    tuning = cpu.setup_process(cfg.get("perf"), rank, local_world, n_threads)
-    backend = collective.init_process_group(rank, cfg.training.ddp_timeout) if rank.world_size > 1 else None
-    # On the nodes that run the job, and the same on every rank (auto follows the least capable node).
-    precision = isa.resolve(cfg.precision.name, announce=rank.local_rank == 0)
-    cpus = sorted(set(collective.gather(isa.detect().summary())))
-
-    check_job(cfg)
-    check_model_limits(cfg)
-    task, splits = load_splits(cfg.dataset)
-    check_task(cfg, task)
+    env = process.set_up(cfg)  # rank, threads and cores, allocator, process group, precision
+    task, splits = preflight(cfg)
     tokenizer = models.load_tokenizer(cfg.model)
     encoded = tokenize(splits, tokenizer, cfg.dataset.max_seq_length, cfg.dataset.pad_to_max_length)
 
-    args = training_arguments(cfg, job_dir, tracking.report_to(cfg.logger), precision)
+    args = training_arguments(cfg, job_dir, tracking.report_to(cfg.logger), env.precision)
     set_seed(args.seed)  # before the model, so a random-init or a new classifier head is reproducible
     trainer, sigterm = build(cfg, args, encoded, tokenizer, task, callbacks)
     checkpoint_dir = Path(args.output_dir)
-    resume = checkpoints.resume_point(cfg.training.get("resume"), checkpoint_dir, rank.is_main)
-    tracker = tracking.start(cfg, job_dir, rank.is_main)  # before train(): the integrations reuse its runs
-    record = recorder.attach(trainer, cfg.get("perf"), tuning, bf16=args.bf16)
+    resume = checkpoints.resume_point(cfg.training.get("resume"), checkpoint_dir, env.rank.is_main)
+    tracker = tracking.start(cfg, job_dir, env.rank.is_main)  # before train(): the integrations reuse its runs
+    added = addons.attach(trainer, cfg.get("perf"))  # changes training: unpadding, the DDP comm hook
+    record = recorder.attach(trainer, env)  # only observes it
     log.info("training %s on %s (%s): %d train / %d eval examples, world size %d, %s, %d thread(s) per process",
-             cfg.model.name, cfg.dataset.name, describe(task), len(encoded["train"]), len(encoded["eval"]), rank.world_size,
-             precision, n_threads)
-    # A lost rank: one line, not a gloo stack.
-    with peer_loss(rank, lambda: checkpoints.resume_hint(checkpoint_dir, job_dir)):
+             cfg.model.name, cfg.dataset.name, describe(task), len(encoded["train"]), len(encoded["eval"]),
+             env.rank.world_size, env.precision, env.threads)
+    with peer_loss(env.rank, lambda: checkpoints.resume_hint(checkpoint_dir, job_dir)):  # a lost rank: one line, not a gloo stack
         train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
     if sigterm.stopped_at is not None:  # not the end of training: nothing is evaluated or published
         raise Interrupted(f"training stopped by SIGTERM at step {sigterm.stopped_at} of {trainer.state.max_steps}; "
                           f"{checkpoints.resume_hint(checkpoint_dir, job_dir)}")
     eval_metrics = final_eval(trainer, encoded)
 
-    digests = collective.parameter_digests(trainer.model)
+    digests = check_replicas(trainer.model)
+    staged = files.staging_dir(job_dir / files.MODEL_DIR) if env.rank.is_main else None
+    trainer.save_model(str(staged) if staged else None)  # only the main process writes
+    if not env.rank.is_main:
+        return None
+    result = {**train_metrics, **eval_metrics, **job_record(cfg, env, task, encoded), "parameter_digests": digests,
+              **record.report(), **added.report()}
+    if test_file(cfg.dataset) is not None:
+        result["test_predictions"] = str(predict_test_file(cfg, trainer.model, tokenizer, task, job_dir, env.precision))
+    publish(result, trainer, staged, job_dir, tracker)
+    log_result(result, task, encoded, job_dir)
+    return result
+
+
+def check_replicas(model) -> list[str]:
+    """Every rank's parameter digest; DDP replicas that differ mean training was not synchronised."""
+    digests = collective.parameter_digests(model)
     if len(set(digests)) > 1:
         raise RuntimeError(f"DDP replicas ended with different parameters (digests {digests}): training is not synchronised")
-    staged = files.staging_dir(job_dir / files.MODEL_DIR) if rank.is_main else None
-    trainer.save_model(str(staged) if staged else None)  # only the main process writes
-    if not rank.is_main:
-        return None
-    result = {
-        **train_metrics, **eval_metrics,
-        "world_size": rank.world_size, "nodes": cfg.nodes, "processes_per_node": cfg.compute.processes_per_node,
-        "threads_per_process": n_threads, "backend": backend or "none", "precision": precision,
-        "precision_option": cfg.precision.name, "isa": isa.detect().as_dict(), "cpus": cpus,
+    return digests
+
+
+def job_record(cfg: DictConfig, env: process.ProcessEnv, task: Task, encoded) -> dict:
+    """What ran, for metrics.json: the job's shape, threads, backend, precision and CPUs, and its
+    model, data and task."""
+    return {
+        "world_size": env.rank.world_size, "nodes": cfg.nodes, "processes_per_node": cfg.compute.processes_per_node,
+        "threads_per_process": env.threads, "backend": env.backend or "none", "precision": env.precision,
+        "precision_option": cfg.precision.name, "isa": isa.detect().as_dict(), "cpus": env.cpus,
         "model": cfg.model.name, "dataset": cfg.dataset.name, "eval_split": cfg.dataset.eval_split,
         "task": task.name, "problem_type": task.problem_type, "labels": list(task.labels) or ["score"],
         "objective": cfg.objective, "train_pairs": len(encoded["train"]), "eval_pairs": len(encoded["eval"]),
-        "parameter_digests": digests, **record.report(),
     }
-    if test_file(cfg.dataset) is not None:
-        result["test_predictions"] = str(predict_test_file(cfg, trainer.model, tokenizer, task, job_dir, precision))
-    publish(result, trainer, staged, job_dir, tracker)
+
+
+def log_result(result: dict, task: Task, encoded, job_dir: Path) -> None:
     splits = ["eval"] + [name for name in encoded if name.startswith("eval_")]  # and eval_mismatched (MNLI)
     shown = [f"{split}_{name}" for split in splits for name in metrics.names(task.name, task.num_labels)]
     log.info("%s; model and metrics in %s", ", ".join(f"{k} {result[k]:.4f}" for k in shown if k in result), job_dir)
-    return result
 
 
 def describe(task: Task) -> str:
@@ -156,8 +156,8 @@ def predict_test_file(cfg: DictConfig, model, tokenizer, task: Task, job_dir: Pa
     classifier = Classifier(SequenceLogits(model).eval(), tokenizer, cfg.dataset.max_seq_length, precision, task=task)
     path = test_file(cfg.dataset)
     target = Path(job_dir) / f"test_predictions{path.suffix.lower()}"
-    with predict.open_input(path, task, None, chunk_rows=4096) as reader:
-        rows = predict.write_predictions(classifier, reader, target, cfg.training.per_device_eval_batch_size)
+    with predictions.open_input(path, task, None, chunk_rows=4096) as reader:
+        rows = predictions.write_predictions(classifier, reader, target, cfg.training.per_device_eval_batch_size)
     log.info("predicted the %d rows of %s into %s", rows, path, target)
     return target
 

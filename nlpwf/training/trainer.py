@@ -1,5 +1,5 @@
 """transformers' Trainer, assembled from the config: arguments, collator, metrics and nlpwf's
-callbacks (complete checkpoints, stop on SIGTERM, line progress, the CPU recorder)."""
+callbacks (complete checkpoints, stop on SIGTERM, line progress)."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +22,7 @@ RENAMED = {
     "warmup_ratio": "use training.warmup_steps=0.1 (a float below 1 is a fraction of the steps)",
     "evaluation_strategy": "use training.eval_strategy",
     "group_by_length": "use training.train_sampling_strategy=group_by_length",
-    "use_ipex": "IPEX is applied by nlpwf when installed; remove the key",
+    "use_ipex": "remove it (IPEX is retired; its CPU kernels are in PyTorch itself: docs/performance.md)",
     "no_cuda": "remove it (nlpwf always trains on CPU)",
 }
 

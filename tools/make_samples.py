@@ -1,4 +1,9 @@
-"""The `paraphrase_sample` data set: small, generated here, shipped with the package.
+"""Writes nlpwf's shipped sample data sets (`paraphrase_sample`, `topic_sample`) into
+nlpwf/data/resources/. Run by hand from the repository root, not installed with the package:
+
+    python tools/make_samples.py
+
+The `paraphrase_sample` data set: small, generated here, shipped with the package.
 
 Every pair is built from a made-up "fact" (a company's earnings, a match result, ...)
 rendered in two phrasings. A positive pair renders the same fact twice; a hard negative
@@ -12,7 +17,7 @@ offline tests also cover a multi-class task that is not a pair, read like your o
 topics share slots (cities, days, numbers, companies), so a sentence is told apart by what it
 says, not by a name that only one topic uses.
 
-Regenerate both with `python -m nlpwf.data.sample` (deterministic for a given seed).
+Deterministic for a given seed: tests/test_data.py checks the shipped files are what this writes.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import csv
 import random
 from pathlib import Path
 
-RESOURCES = Path(__file__).parent / "resources"
+RESOURCES = Path(__file__).resolve().parent.parent / "nlpwf" / "data" / "resources"
 OUT_DIR = RESOURCES / "paraphrase_sample"
 TOPIC_DIR = RESOURCES / "topic_sample"
 HEADER = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
