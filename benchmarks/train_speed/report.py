@@ -83,15 +83,20 @@ def computed_flops(s: dict) -> float:
     return s["pooled_only_flops_per_s"] if "pooled" in unpad else s["model_flops_per_s"]
 
 
+def ratio_columns(peer: str) -> list[Column]:
+    """The row's rate ÷ its peer's ("seed" or "plain"): over the whole run, and by round; "-"
+    where the run has no such peer."""
+    return [Column(f"× {peer}", lambda r: fmt(r["s"]["samples_per_s"] / r[peer]["samples_per_s"] if r[peer] else None, ".2f")),
+            Column(f"× {peer}, by round", lambda r: fmt(paired_ratio(r["s"], r[peer]) if r[peer] else None, ".2f"))]
+
+
 THROUGHPUT = [
     Column("model", lambda r: r["model"], left=True),
     Column("variant", lambda r: r["name"], left=True),
     Column("samples/s", lambda r: f"{r['s']['samples_per_s']:.1f}"),
     Column("tokens/s", lambda r: f"{r['s']['tokens_per_s']:.0f}"),
-    Column("× seed", lambda r: fmt(r["s"]["samples_per_s"] / r["seed"]["samples_per_s"] if r["seed"] else None, ".2f")),
-    Column("× seed, by round", lambda r: fmt(paired_ratio(r["s"], r["seed"]) if r["seed"] else None, ".2f")),
-    Column("× plain", lambda r: fmt(r["s"]["samples_per_s"] / r["plain"]["samples_per_s"] if r["plain"] else None, ".2f")),
-    Column("× plain, by round", lambda r: fmt(paired_ratio(r["s"], r["plain"]) if r["plain"] else None, ".2f")),
+    *ratio_columns("seed"),
+    *ratio_columns("plain"),
     Column("padded len", lambda r: f"{r['s']['mean_padded_length']:.0f}"),
     Column("model GFLOP/s", lambda r: f"{r['s']['model_flops_per_s'] / 1e9:.0f}"),
     Column("MFU", lambda r: f"{r['s']['model_flops_per_s'] / r['peak']:.1%}"),
