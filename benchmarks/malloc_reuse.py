@@ -1,6 +1,6 @@
 """What `perf.keep_freed_memory` does to a training step with glibc malloc: page faults, time and
 peak memory per MiniLM-L6 step on MRPC, unpadded as nlpwf trains, glibc's defaults against
-freed memory kept (nlpwf.training.cpu.keep_freed_memory).
+freed memory kept (nlpwf.runtime.allocator.keep_freed_memory).
 
     python benchmarks/malloc_reuse.py                  # 3 rounds, about 6 minutes on 2 cores
     python benchmarks/malloc_reuse.py --rounds 1 --dtype bf16
@@ -31,9 +31,9 @@ def one_process(mode: str, dtype: str, batches: int, threads: int) -> dict:
     """Runs in the child: train and measure, in this process, with `mode` malloc settings."""
     import torch
 
-    from nlpwf.training import cpu
+    from nlpwf.runtime import allocator
 
-    kept = cpu.keep_freed_memory() if mode == "kept" else False
+    kept = allocator.keep_freed_memory() if mode == "kept" else False
     torch.set_num_threads(threads)
     data, (cfg, task) = sp.training_batches(sp.DEFAULT_DATA, WARMUP + batches)
     model, optimizer = sp.make_model(cfg, task, unpadded=True)

@@ -34,14 +34,14 @@ def fmt(value, spec: str) -> str:
 def machine() -> dict:
     import torch
 
-    from nlpwf.runtime import isa
-    from nlpwf.training import cpu
+    from nlpwf.runtime import affinity, allocator, isa
 
     found = isa.detect()
-    return {"cpu": found.cpu, "cores": len(cpu.physical_core_groups(os.sched_getaffinity(0))),
+    return {"cpu": found.cpu, "cores": len(affinity.physical_core_groups(os.sched_getaffinity(0))),
             "isa": found.summary(), "isa_flags": found.as_dict(),
             "avx512_bf16": found.avx512_bf16, "amx": found.amx_bf16, "torch": torch.__version__,
-            "ipex": "yes" if cpu.ipex_module() else "no", "allocator_available": cpu.find_allocator() or "none"}
+            # nlpwf no longer uses IPEX (retired upstream): the field stays for the report's layout
+            "ipex": "no", "allocator_available": allocator.find_allocator() or "none"}
 
 
 def write_report(res: dict, out: Path) -> Path:

@@ -13,7 +13,7 @@ from .worker import worker
 def start_workers(specs: dict[str, dict], tmp: Path) -> dict:
     """Start one process per variant; fast variants get the fast allocator preloaded when
     installed (LD_PRELOAD must be set before a process starts)."""
-    from nlpwf.training import cpu
+    from nlpwf.runtime import allocator
 
     ctx = mp.get_context("spawn")
     workers = {}
@@ -21,7 +21,7 @@ def start_workers(specs: dict[str, dict], tmp: Path) -> dict:
         parent, child = ctx.Pipe()
         env = {"OMP_NUM_THREADS": str(spec["threads"])}
         if spec.get("preload"):
-            env.update(cpu.preload_env())
+            env.update(allocator.preload_env())
         saved = {k: os.environ.get(k) for k in (*env, "LD_PRELOAD")}
         os.environ.update(env)
         try:
