@@ -1,0 +1,143 @@
+"""The parts of transformers' BertForSequenceClassification that the unpadded forward (unpad.py)
+runs: the one module in nlpwf that knows how transformers builds a BERT inside.
+
+unpad.py computes a BERT classifier's forward from the stock model's own submodules and
+weights. Which submodules there are, what they are called and what each one computes is
+transformers' internal layout, not an API it promises to keep. `read(model)` looks up every
+name unpad.py uses and checks its kind as it goes, so that a release that builds BERT
+differently is caught before a step is computed: it raises `Unsupported` naming what differs,
+and the caller trains padded. Each lookup below says why it is needed. What a check cannot see
+(a submodule that keeps its name and computes something else) is what the unpadding equality
+tests catch, run on the oldest and newest transformers setup.cfg admits (tools/check_ranges.py).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from transformers import BertForSequenceClassification
+
+# Attention implementations whose maths unpad.py's grouped attention computes (the padded
+# model's result to float rounding). Another registered function may compute something else.
+EXACT_ATTENTION = ("sdpa", "eager")
+
+
+class Unsupported(Exception):
+    """The model is not built the way unpad.py computes it; the message says how it differs."""
+
+
+class Embeddings(NamedTuple):
+    words: torch.nn.Embedding
+    positions: torch.nn.Embedding
+    token_types: torch.nn.Embedding
+    norm: torch.nn.Module
+    dropout: torch.nn.Dropout
+
+
+class Attention(NamedTuple):
+    query: torch.nn.Linear
+    key: torch.nn.Linear
+    value: torch.nn.Linear
+    heads: int
+    head_size: int
+    scaling: float
+    dropout: torch.nn.Dropout  # on the attention probabilities
+
+
+class Residual(NamedTuple):
+    """A dense layer, its dropout and the layer norm of (that + the block's input): BertSelfOutput
+    and BertOutput are both this."""
+    dense: torch.nn.Module
+    dropout: torch.nn.Dropout
+    norm: torch.nn.Module
+
+
+class Layer(NamedTuple):
+    attention: Attention
+    attention_output: Residual
+    intermediate: torch.nn.Module  # dense + activation, called as it is
+    output: Residual
+
+
+class Classifier(NamedTuple):
+    embeddings: Embeddings
+    layers: tuple[Layer, ...]
+    pooler: torch.nn.Module      # dense + tanh of hidden_states[:, 0], called as it is
+    dropout: torch.nn.Dropout    # the head's, on the pooled output
+    classifier: torch.nn.Module
+    checkpointing: bool          # activation checkpointing on: unpad.py leaves those steps to the model
+
+
+def read(model) -> Classifier:
+    """The submodules of BertForSequenceClassification `model` that unpad.py computes with, or
+    Unsupported naming the first one that is missing or not what it expects."""
+    # by exact type: a subclass may override forward, and then the stock forward is not what unpad.py replaces
+    if type(model) is not BertForSequenceClassification:
+        raise Unsupported(f"{type(model).__name__} is not a BertForSequenceClassification")
+    config = model.config
+    if config.is_decoder or config.add_cross_attention:
+        raise Unsupported("a BERT decoder (causal or cross-attention)")
+    if getattr(config, "chunk_size_feed_forward", 0):  # BertLayer would run the feed-forward in chunks
+        raise Unsupported("chunked feed-forward (config.chunk_size_feed_forward)")
+    # gone from BertConfig in 5.x (always absolute there); earlier configs may name relative kinds
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        raise Unsupported(f"position_embedding_type={config.position_embedding_type}")
+    # private, but the only place the chosen implementation is recorded (BertSelfAttention reads it so too)
+    attention = config._attn_implementation
+    if attention not in EXACT_ATTENTION:
+        raise Unsupported(f"attn_implementation={attention} (unpadding computes what {' and '.join(EXACT_ATTENTION)} compute)")
+    emb = "bert.embeddings"
+    embeddings = Embeddings(*(_get(model, f"{emb}.{name}", kind) for name, kind in (
+        ("word_embeddings", torch.nn.Embedding), ("position_embeddings", torch.nn.Embedding),
+        ("token_type_embeddings", torch.nn.Embedding), ("LayerNorm", None), ("dropout", torch.nn.Dropout))))
+    layers = tuple(_layer(model, f"bert.encoder.layer.{i}") for i in range(len(_get(model, "bert.encoder.layer"))))
+    if not layers:
+        raise Unsupported("a BERT without layers")
+    pooler = _get(model, "bert.pooler")
+    if pooler is None:
+        raise Unsupported("a BERT without its pooler")
+    # BertLayer is a GradientCheckpointingLayer: transformers sets this flag on each when checkpointing is enabled
+    checkpointing = any(getattr(_get(model, f"bert.encoder.layer.{i}"), "gradient_checkpointing", False)
+                        for i in range(len(layers)))
+    return Classifier(embeddings, layers, pooler, _get(model, "dropout", torch.nn.Dropout), _get(model, "classifier"),
+                      checkpointing)
+
+
+def _layer(model, path: str) -> Layer:
+    """BertLayer `path`: its self-attention's projections and sizes, its two residual blocks."""
+    sa = f"{path}.attention.self"
+    # Q, K and V are computed from their weights in one matmul, so an adapter's own forward (LoRA,
+    # a quantized layer) would be skipped: plain Linear only, by type (PEFT's LoRA layer is also named Linear)
+    query, key, value = (_get(model, f"{sa}.{name}", torch.nn.Linear, exact=True) for name in ("query", "key", "value"))
+    # the sizes and the scaling BertSelfAttention computes with (scaling: head_size ** -0.5)
+    heads, head_size, scaling = (_get(model, f"{sa}.{name}", (int, float)) for name in
+                                 ("num_attention_heads", "attention_head_size", "scaling"))
+    attention = Attention(query, key, value, heads, head_size, scaling, _get(model, f"{sa}.dropout", torch.nn.Dropout))
+    # BertSelfOutput and BertOutput: norm(dropout(dense(x)) + input); the dropout is applied here with the
+    # padded model's mask, so the three are called one by one rather than through their forward
+    residual = [Residual(_get(model, f"{path}.{block}.dense"), _get(model, f"{path}.{block}.dropout", torch.nn.Dropout),
+                         _get(model, f"{path}.{block}.LayerNorm")) for block in ("attention.output", "output")]
+    return Layer(attention, residual[0], _get(model, f"{path}.intermediate"), residual[1])
+
+
+def _get(model, path: str, kind=None, exact: bool = False):
+    obj = model
+    for name in path.split("."):
+        obj = obj[int(name)] if name.isdigit() else getattr(obj, name, _MISSING)
+        if obj is _MISSING:
+            raise Unsupported(f"transformers' BertForSequenceClassification has no {path} here (unpadding reads it)")
+    if kind is not None and not (type(obj) is kind if exact else isinstance(obj, kind)):
+        raise Unsupported(f"{path} is a {type(obj).__module__}.{type(obj).__qualname__}, "
+                          f"not the {kind.__name__ if isinstance(kind, type) else 'number'} unpadding computes with")
+    return obj
+
+
+_MISSING = object()
+
+
+def loss(model, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss BertForSequenceClassification's forward computes from its logits: transformers'
+    loss for the head's kind (`loss_function`, chosen from the class name), by the config's
+    problem_type (set from the labels on the first call, as the forward does). Without the
+    forward's num_items_in_batch: BERT's forward does not pass it to its loss either."""
+    return model.loss_function(labels, logits, model.config)
