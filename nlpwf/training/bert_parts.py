@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 from transformers import BertForSequenceClassification
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 # Attention implementations whose maths unpad.py's grouped attention computes (the padded
 # model's result to float rounding). Another registered function may compute something else.
@@ -135,9 +136,11 @@ def _get(model, path: str, kind=None, exact: bool = False):
 _MISSING = object()
 
 
-def loss(model, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss BertForSequenceClassification's forward computes from its logits: transformers'
-    loss for the head's kind (`loss_function`, chosen from the class name), by the config's
-    problem_type (set from the labels on the first call, as the forward does). Without the
-    forward's num_items_in_batch: BERT's forward does not pass it to its loss either."""
-    return model.loss_function(labels, logits, model.config)
+def output(model, logits: torch.Tensor, labels: torch.Tensor | None) -> SequenceClassifierOutput:
+    """What BertForSequenceClassification's forward returns for `logits`: its output type, with the
+    loss it computes when there are labels: transformers' loss for the head's kind
+    (`loss_function`, chosen from the class name), by the config's problem_type (set from the
+    labels on the first call, as the forward does). Without the Trainer's num_items_in_batch:
+    BERT's forward does not pass it to its loss either."""
+    loss = None if labels is None else model.loss_function(labels, logits, model.config)
+    return SequenceClassifierOutput(loss=loss, logits=logits)

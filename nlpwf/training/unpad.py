@@ -45,7 +45,6 @@ import logging
 from typing import NamedTuple
 
 import torch
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 from nlpwf.training import bert_parts
 
@@ -102,7 +101,7 @@ def counts(model) -> dict:
 class UnpaddedForward:
     """BertForSequenceClassification.forward computed without the padding, from `model`'s own
     submodules (read by bert_parts on every call, so it always runs the modules the model has)
-    and transformers' loss for the head. What it cannot take runs the class's own forward: a
+    and the head's own loss and output type (bert_parts.output). What it cannot take runs the class's own forward: a
     batch it cannot pack, and a model changed since `apply` into one it cannot compute (logged
     once)."""
 
@@ -125,8 +124,7 @@ class UnpaddedForward:
         pack = Packing(attention_mask, ROWS)
         pooled = pooled_output(parts, pack, input_ids, attention_mask, token_type_ids, position_ids)
         logits = parts.classifier(parts.dropout(pooled))  # as the head's forward: its dropout, then the classifier
-        loss = None if labels is None else bert_parts.loss(model, logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return bert_parts.output(model, logits, labels)
 
     def _parts(self) -> bert_parts.Classifier | None:
         try:
