@@ -77,7 +77,7 @@ def installed(python: Path) -> dict[str, str]:
 def check_pair(torch_version: str, transformers_version: str, work: Path) -> str:
     """Install the pair, then nlpwf, then run the tests; one line saying what happened."""
     venv = work / f"torch{torch_version}-transformers{transformers_version}"
-    log = venv.with_suffix(".log")
+    log = work / f"{venv.name}.log"
     python = venv / "bin" / "python"
     pip = [str(python), "-m", "pip", "install", "-q"]
     started = time.monotonic()
