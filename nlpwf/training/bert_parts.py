@@ -87,50 +87,61 @@ def read(model) -> Classifier:
     attention = config._attn_implementation
     if attention not in EXACT_ATTENTION:
         raise Unsupported(f"attn_implementation={attention} (unpadding computes what {' and '.join(EXACT_ATTENTION)} compute)")
-    emb = "bert.embeddings"
-    embeddings = Embeddings(*(_get(model, f"{emb}.{name}", kind) for name, kind in (
+    root = _Node(model, "")
+    emb = root.at("bert.embeddings")
+    embeddings = Embeddings(*(emb.get(name, kind) for name, kind in (
         ("word_embeddings", torch.nn.Embedding), ("position_embeddings", torch.nn.Embedding),
         ("token_type_embeddings", torch.nn.Embedding), ("LayerNorm", None), ("dropout", torch.nn.Dropout))))
-    layers = tuple(_layer(model, f"bert.encoder.layer.{i}") for i in range(len(_get(model, "bert.encoder.layer"))))
-    if not layers:
+    stack = root.at("bert.encoder.layer")
+    nodes = [stack.at(str(i)) for i in range(len(stack.obj))]
+    if not nodes:
         raise Unsupported("a BERT without layers")
-    pooler = _get(model, "bert.pooler")
+    pooler = root.get("bert.pooler")
     if pooler is None:
         raise Unsupported("a BERT without its pooler")
     # BertLayer is a GradientCheckpointingLayer: transformers sets this flag on each when checkpointing is enabled
-    checkpointing = any(getattr(_get(model, f"bert.encoder.layer.{i}"), "gradient_checkpointing", False)
-                        for i in range(len(layers)))
-    return Classifier(embeddings, layers, pooler, _get(model, "dropout", torch.nn.Dropout), _get(model, "classifier"),
-                      checkpointing)
+    checkpointing = any(getattr(node.obj, "gradient_checkpointing", False) for node in nodes)
+    return Classifier(embeddings, tuple(_layer(node) for node in nodes), pooler, root.get("dropout", torch.nn.Dropout),
+                      root.get("classifier"), checkpointing)
 
 
-def _layer(model, path: str) -> Layer:
-    """BertLayer `path`: its self-attention's projections and sizes, its two residual blocks."""
-    sa = f"{path}.attention.self"
+def _layer(layer: _Node) -> Layer:
+    """BertLayer `layer`: its self-attention's projections and sizes, its two residual blocks."""
+    sa = layer.at("attention.self")
     # Q, K and V are computed from their weights in one matmul, so an adapter's own forward (LoRA,
     # a quantized layer) would be skipped: plain Linear only, by type (PEFT's LoRA layer is also named Linear)
-    query, key, value = (_get(model, f"{sa}.{name}", torch.nn.Linear, exact=True) for name in ("query", "key", "value"))
+    query, key, value = (sa.get(name, torch.nn.Linear, exact=True) for name in ("query", "key", "value"))
     # the sizes and the scaling BertSelfAttention computes with (scaling: head_size ** -0.5)
-    heads, head_size, scaling = (_get(model, f"{sa}.{name}", (int, float)) for name in
-                                 ("num_attention_heads", "attention_head_size", "scaling"))
-    attention = Attention(query, key, value, heads, head_size, scaling, _get(model, f"{sa}.dropout", torch.nn.Dropout))
+    heads, head_size, scaling = (sa.get(name, (int, float)) for name in ("num_attention_heads", "attention_head_size", "scaling"))
+    attention = Attention(query, key, value, heads, head_size, scaling, sa.get("dropout", torch.nn.Dropout))
     # BertSelfOutput and BertOutput: norm(dropout(dense(x)) + input); the dropout is applied here with the
     # padded model's mask, so the three are called one by one rather than through their forward
-    residual = [Residual(_get(model, f"{path}.{block}.dense"), _get(model, f"{path}.{block}.dropout", torch.nn.Dropout),
-                         _get(model, f"{path}.{block}.LayerNorm")) for block in ("attention.output", "output")]
-    return Layer(attention, residual[0], _get(model, f"{path}.intermediate"), residual[1])
+    blocks = [layer.at(name) for name in ("attention.output", "output")]
+    residual = [Residual(b.get("dense"), b.get("dropout", torch.nn.Dropout), b.get("LayerNorm")) for b in blocks]
+    return Layer(attention, residual[0], layer.get("intermediate"), residual[1])
 
 
-def _get(model, path: str, kind=None, exact: bool = False):
-    obj = model
-    for name in path.split("."):
-        obj = obj[int(name)] if name.isdigit() else getattr(obj, name, _MISSING)
-        if obj is _MISSING:
-            raise Unsupported(f"transformers' BertForSequenceClassification has no {path} here (unpadding reads it)")
-    if kind is not None and not (type(obj) is kind if exact else isinstance(obj, kind)):
-        raise Unsupported(f"{path} is a {type(obj).__module__}.{type(obj).__qualname__}, "
-                          f"not the {kind.__name__ if isinstance(kind, type) else 'number'} unpadding computes with")
-    return obj
+class _Node(NamedTuple):
+    """A submodule and its path from the model: lookups below it name the whole path when they fail."""
+    obj: object
+    path: str
+
+    def at(self, name: str) -> _Node:
+        return _Node(self.get(name), self._join(name))
+
+    def get(self, name: str, kind=None, exact: bool = False):
+        obj = self.obj
+        for part in name.split("."):
+            obj = obj[int(part)] if part.isdigit() else getattr(obj, part, _MISSING)
+            if obj is _MISSING:
+                raise Unsupported(f"transformers' BertForSequenceClassification has no {self._join(name)} here (unpadding reads it)")
+        if kind is not None and not (type(obj) is kind if exact else isinstance(obj, kind)):
+            raise Unsupported(f"{self._join(name)} is a {type(obj).__module__}.{type(obj).__qualname__}, "
+                              f"not the {kind.__name__ if isinstance(kind, type) else 'number'} unpadding computes with")
+        return obj
+
+    def _join(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
 
 
 _MISSING = object()
