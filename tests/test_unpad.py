@@ -9,11 +9,13 @@ perf.unpad on and off gives the same loss trace. No timing here: the benchmark m
 from __future__ import annotations
 
 import csv
+import inspect
 import json
+import logging
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, BertModel, DistilBertConfig, DistilBertForSequenceClassification
 
 from nlpwf.training import unpad
 
@@ -25,7 +27,7 @@ VOCAB = 100
 def tiny_bert(attn: str = "sdpa", **config) -> BertForSequenceClassification:
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                     max_position_embeddings=64, num_labels=2, attn_implementation=attn, **config)
+                     max_position_embeddings=64, attn_implementation=attn, **{"num_labels": 2, **config})
     return BertForSequenceClassification(cfg).train()
 
 
@@ -181,12 +183,11 @@ def test_grouped_attention_keeps_the_padded_maths_with_holes_in_the_mask():
     assert_same(*both(model, inputs, bf16=True), tol=3e-2)
 
 
-def test_a_classifier_computes_its_last_layer_for_the_pooled_token_only():
-    """In the classifier's forward (the head reads only the pooled first token) the last layer's
-    feed-forward sees one row a sequence, in training and evaluation, and the step is still the
-    padded one (the tests above run through it too; here with dropout drawn in that layer). The
-    encoder called on its own computes and returns every token, as does the classifier's forward
-    after one that raised."""
+def test_the_classifier_computes_its_last_layer_for_the_pooled_token_only():
+    """The head reads only the pooled first token, so the last layer's feed-forward sees one row a
+    sequence, in training and evaluation, and the step is still the padded one (the tests above
+    run through it too; here with dropout drawn in that layer). The encoder called on its own is
+    the stock one: every token, padded."""
     model = tiny_bert(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
     inputs = batch(LENGTHS)
     rows = []
@@ -196,25 +197,17 @@ def test_a_classifier_computes_its_last_layer_for_the_pooled_token_only():
     assert rows == [140, 140, 80, len(LENGTHS)]  # padded (7 x 20 tokens), then packed (80 rows) and the pooled ones
     assert_same(padded, unpadded, tol=1e-5)
 
-    assert unpad.apply(model) is None and unpad.pooled_only_applied(model)
-    rows.clear()
+    unlabelled = {k: v for k, v in inputs.items() if k != "labels"}
     with torch.no_grad():
-        logits = model.eval()(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-        assert rows == [80, len(LENGTHS)]
-        unpad.remove(model)
-        assert torch.allclose(logits, model(**{k: v for k, v in inputs.items() if k != "labels"}).logits, atol=1e-5)
-        full = model.bert(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]).last_hidden_state
-        unpad.apply(model)
+        model.eval()
+        expected = model(**unlabelled).logits
+        full = model.bert(**unlabelled).last_hidden_state
+        assert unpad.apply(model) is None
         rows.clear()
-        alone = model.bert(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]).last_hidden_state
-        assert rows == [80, 80] and alone.shape == full.shape
-        real = inputs["attention_mask"].bool()
-        assert torch.allclose(alone[real], full[real], atol=1e-5)
-        with pytest.raises(ValueError, match="batch_size"):
-            model(**{**inputs, "labels": torch.zeros(3, dtype=torch.long)})  # wrong label count: the loss raises
-        assert model.bert.pooled_only is False
-    unpad.remove(model)
-    assert not model._forward_pre_hooks and not model._forward_hooks
+        assert torch.allclose(model(**unlabelled).logits, expected, atol=1e-5)
+        assert rows == [80, len(LENGTHS)]
+        rows.clear()
+        assert torch.equal(model.bert(**unlabelled).last_hidden_state, full) and rows == [140, 140]
 
 
 def test_batches_it_cannot_pack_run_the_models_own_forward():
@@ -228,14 +221,16 @@ def test_batches_it_cannot_pack_run_the_models_own_forward():
         model(**inputs)
     out = model(**batch([8, 5]), output_hidden_states=True)  # asked for what only the padded forward records
     assert len(out.hidden_states) == 3
+    loss, logits = model(**batch([8, 5]), return_dict=False)  # a tuple, as the stock forward returns it
+    assert logits.shape == (2, 2)
     model(**batch([8, 5]))
-    model(**batch([8, 5]), num_items_in_batch=2)  # Trainer passes the loss's item count: nothing the encoder uses
-    assert unpad.counts(model) == {"perf_unpadded_batches": 2, "perf_padded_batches": 3}
+    model(**batch([8, 5]), num_items_in_batch=2)  # Trainer passes the loss's item count: nothing BERT's loss uses
+    assert unpad.counts(model) == {"perf_unpadded_batches": 2, "perf_padded_batches": 4}
 
 
 def test_models_it_does_not_know_are_left_padded():
     distil = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
-    assert "not a BERT model" in unpad.apply(distil)
+    assert "not a BertForSequenceClassification" in unpad.apply(distil) and not unpad.is_applied(distil)
     decoder = tiny_bert(is_decoder=True)
     assert "decoder" in unpad.apply(decoder) and not unpad.is_applied(decoder)
 
@@ -245,17 +240,96 @@ def test_models_it_does_not_know_are_left_padded():
     adapted = tiny_bert()
     old = adapted.bert.encoder.layer[1].attention.self.value
     adapted.bert.encoder.layer[1].attention.self.value = Linear(old.in_features, old.out_features)
-    assert "not plain torch.nn.Linear layers" in unpad.apply(adapted) and not unpad.is_applied(adapted)
+    reason = unpad.apply(adapted)
+    assert reason.startswith("bert.encoder.layer.1.attention.self.value is a test_unpad.") and not unpad.is_applied(adapted)
+    assert reason.endswith("<locals>.Linear, not the Linear unpadding computes with")
+
+
+def test_a_bert_built_otherwise_trains_padded_with_the_reason(caplog):
+    """A transformers release that lays BERT out otherwise (here: Q, K and V from one fused layer)
+    is caught by the check before a step: apply says which part differs and the model keeps its
+    own forward, which computes the padded loss. A model changed after apply runs padded from
+    then on, with one warning."""
+    model = tiny_bert()
+    inputs = batch(LENGTHS)
+    torch.manual_seed(7)
+    expected = model(**inputs).loss
+    sa = model.bert.encoder.layer[0].attention.self
+    stock = sa.query, sa.key, sa.value
+    fused = torch.nn.Linear(32, 96)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in stock]))
+        fused.bias.copy_(torch.cat([p.bias for p in stock]))
+    sa.query, sa.key, sa.value = (FromFused(fused, i) for i in range(3))
+    assert unpad.apply(model) == ("bert.encoder.layer.0.attention.self.query is a test_unpad.FromFused, "
+                                  "not the Linear unpadding computes with")
+    assert "forward" not in model.__dict__
+    torch.manual_seed(7)
+    assert torch.allclose(model(**inputs).loss, expected, atol=1e-6)
+    del sa.query
+    assert "has no bert.encoder.layer.0.attention.self.query here" in unpad.apply(model)
+    sa.query, sa.key, sa.value = stock
+
+    assert unpad.apply(model) is None
+    model.bert.embeddings.dropout = Dropout(0.1)
+    with caplog.at_level(logging.WARNING, logger="nlpwf.training.unpad"):
+        for _ in range(2):
+            torch.manual_seed(7)
+            assert torch.allclose(model(**inputs).loss, expected, atol=1e-6)
+    assert [r.getMessage() for r in caplog.records] == [
+        "perf.unpad: the model changed since unpadding was applied (bert.embeddings.dropout is a test_unpad.Dropout, "
+        "not the Dropout unpadding computes with), so it computes the padded batches"]
+    assert unpad.counts(model) == {"perf_unpadded_batches": 0, "perf_padded_batches": 2}
+
+
+class FromFused(torch.nn.Module):
+    """One of Q, K, V from a fused projection: the same numbers, another layout."""
+
+    def __init__(self, qkv: torch.nn.Linear, part: int):
+        super().__init__()
+        self.qkv, self.part = qkv, part
+
+    def forward(self, x):
+        return self.qkv(x).chunk(3, dim=-1)[self.part]
+
+
+class Dropout(torch.nn.Module):
+    """A dropout that is not torch's: unpadding could not draw its mask as the padded model does."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.inner = torch.nn.Dropout(p)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("labels", ["regression", "multi_label"])
+def test_other_heads_losses_are_the_padded_models(labels):
+    """The loss is transformers' for the head (bert_parts.loss): a score (STS-B) and several labels a row."""
+    if labels == "regression":
+        model = tiny_bert(num_labels=1)
+        inputs = {**batch(LENGTHS), "labels": torch.linspace(0, 5, len(LENGTHS))}
+    else:
+        model = tiny_bert(num_labels=3, problem_type="multi_label_classification")
+        inputs = {**batch(LENGTHS), "labels": (torch.arange(len(LENGTHS) * 3).view(-1, 3) % 2).float()}
+    padded, unpadded = both(model, inputs)
+    assert_same(padded, unpadded, tol=1e-5)
+    assert model.config.problem_type == ("regression" if labels == "regression" else "multi_label_classification")
 
 
 def test_the_model_saves_and_reloads_as_the_plain_bert(tmp_path):
     model = tiny_bert()
     keys = set(model.state_dict())
     unpad.apply(model)
+    assert type(model) is BertForSequenceClassification and type(model.bert) is BertModel
     assert set(model.state_dict()) == keys and unpad.is_applied(model)
+    # the Trainer keeps the dataset columns the forward names
+    assert list(inspect.signature(model.forward).parameters)[:6] == [
+        "input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels"]
     model.save_pretrained(tmp_path / "m")
     again = BertForSequenceClassification.from_pretrained(tmp_path / "m")
-    assert type(again.bert).__name__ == "BertModel"
+    assert type(again.bert).__name__ == "BertModel" and "forward" not in again.__dict__
     assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
 
 

@@ -80,4 +80,4 @@ def apply_unpad(trainer) -> str:
     if reason:
         log.info("perf.unpad: %s, so training computes the padded batches", reason)
         return f"off: {reason}"
-    return "on, last layer for the pooled token only" if unpad.pooled_only_applied(trainer.model) else "on"
+    return "on, last layer for the pooled token only"  # unpad computes sequence classifiers only, always so

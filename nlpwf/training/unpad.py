@@ -1,129 +1,205 @@
-"""Training a BERT without computing its padding.
+"""Training a BERT sequence classifier without computing its padding.
 
 With dynamic padding and batches in random order, about 30% of the tokens a BERT encoder
-computes on MRPC are padding. `apply(model)` makes a BERT model run everything that works token
-by token (embeddings, Q/K/V, attention output, feed-forward, layer norms, dropout) on the real
-tokens of the batch only (and up to ROWS - 1 padding tokens, so that the matrices come in few
-shapes: see Packing), packed as one (tokens, hidden) matrix. Attention, which mixes the tokens
-of a sequence, runs in training on groups of sequences of similar length, each padded only to
-its own longest (see Groups), and in evaluation on the batch's padded layout with the model's
-own implementation (sdpa or eager) and mask. Nothing else changes: same modules, same
-parameters, same checkpoints, and a model that saves and reloads as a plain BERT.
+computes on MRPC are padding. `apply(model)` makes a BertForSequenceClassification run
+everything that works token by token (embeddings, Q/K/V, attention output, feed-forward, layer
+norms, dropout) on the real tokens of the batch only (and up to ROWS - 1 padding tokens, so that
+the matrices come in few shapes: see Packing), packed as one (tokens, hidden) matrix. Attention,
+which mixes the tokens of a sequence, runs on groups of sequences of similar length, each padded
+only to its own longest (see Groups). The head reads nothing of the encoder but the pooled first
+token, so the last layer computes keys and values for every token and the query, attention,
+output and feed-forward of each sequence's first token alone: in MiniLM-L6 a sixth of the
+encoder's dense maths, 10/12 of it never read.
 
-In a sequence classifier's forward, whose head reads only the pooled first token, the last
-layer computes only what reaches that token: keys and values for every token, and the query,
-attention, output and feed-forward of each sequence's first token alone (see `hook_pooled_only`).
-In MiniLM-L6 that is a sixth of the encoder's dense maths, 10/12 of it left out, none of it read.
-
-The maths is the padded model's. A pad token never reaches a real one (its key is masked), the
-sequence classifier reads the first token, and the hidden states returned hold zeros at the
-padding left out, so the padded rows only ever fed themselves. Dropout masks are drawn over the padded
-shape, as the padded model draws them (torch's CPU RNG is one serial stream), and cut to the
-real tokens' rows, so a training step computes the same loss and gradients as the padded one,
-to float rounding, dropout included, and leaves the RNG where a padded step would. A batch this
+The maths is the padded model's. A pad token never reaches a real one (its key is masked) and the
+head reads the first token, so the padded rows only ever fed themselves. Dropout masks are drawn
+over the padded shape, as the padded model draws them (torch's CPU RNG is one serial stream), and
+cut to the rows computed, so a training step computes the same loss and gradients as the padded
+one, to float rounding, dropout included, and leaves the RNG where a padded step would: training
+with and without unpadding gives the same loss trace, which is what the tests check. A batch this
 cannot take (left padding, no padding at all, outputs such as attentions or hidden states asked
-for) runs the model's own forward.
+for, a tuple instead of an output object) runs the model's own forward.
+
+How it is attached, and why so. `apply` sets `model.forward` to an `UnpaddedForward` built
+around the model: an instance attribute, the mechanism accelerate itself uses to put autocast
+around a model's forward (it wraps this one the same way, and unwraps it to save). Nothing else
+changes: the model's class, modules, parameters, buffers, state dict and config are the stock
+BertForSequenceClassification's, so checkpoints, `save_pretrained` (the saved model reloads as a
+plain BERT) and resume see a plain BERT, and `model.bert` called on its own is the stock encoder.
+Calling the model runs the unpadded forward inside every wrapper's own: DDP's forward (its
+_pre_forward prepares the reducer, whose hooks on these same parameters then all-reduce their
+gradients), autocast, module hooks. The alternatives were worse: a wrapper module around the
+model renames every state-dict key and changes what the Trainer saves; computing the submodules
+from the Trainer's compute_loss runs outside DDP's forward, so the reducer would not be prepared
+and gradients would not be synchronised; swapping the encoder's class (what this replaced) makes
+the model lie about its type, needs transformers' private output-recording registry, and can only
+learn that the head reads the pooled token alone from a flag set by hooks on the head. Here the
+forward replaced is the head's own, which knows that. How transformers builds BERT inside is read
+in bert_parts.py, the one module that knows it; when that is not what unpadding expects, `apply`
+says why and the model trains padded.
 """
 from __future__ import annotations
 
+import inspect
+import logging
 from typing import NamedTuple
 
 import torch
-from transformers.masking_utils import create_bidirectional_mask
-from transformers.modeling_flash_attention_utils import _pad_input
-from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.bert.modeling_bert import BertForSequenceClassification, BertModel, eager_attention_forward
-from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
-# Keyword arguments that change nothing the encoder computes (Trainer passes the loss's token count).
+from nlpwf.training import bert_parts
+
+log = logging.getLogger(__name__)
+
+# Keyword arguments that change nothing the model computes (Trainer passes the loss's token count,
+# which BERT's loss does not use).
 IGNORED_KWARGS = {"return_dict", "num_items_in_batch"}
 ROWS = 16  # packed token rows are rounded up to a multiple of this (see Packing)
-GROUP = 4  # training attention runs on groups of this many sequences of similar length (see Groups)
-ATTENTION = ("sdpa", "eager")  # implementations that take a padded 4D mask; flex/flash index differently
-# Heads whose forward reads nothing of the encoder's output but the pooled first token (outputs[1]).
-POOLED_HEADS = (BertForSequenceClassification,)
-
-
-def unsupported(model) -> str | None:
-    """Why `model` cannot train unpadded, or None when it can."""
-    base = getattr(model, "base_model", None)
-    if type(base) not in (BertModel, UnpaddedBertModel):
-        return f"{type(model).__name__} is not a BERT model"
-    config = base.config
-    if config.is_decoder or config.add_cross_attention:
-        return "a BERT decoder (causal or cross-attention)"
-    if getattr(config, "chunk_size_feed_forward", 0):
-        return "chunked feed-forward (config.chunk_size_feed_forward)"
-    if getattr(config, "position_embedding_type", "absolute") != "absolute":
-        return f"position_embedding_type={config.position_embedding_type}"
-    # Q, K and V are computed from their weights in one matmul: an adapter's own forward would be skipped
-    # (by type, not name: PEFT's LoRA layer is also called Linear)
-    wrapped = {type(m) for layer in base.encoder.layer for m in
-               (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value)} - {torch.nn.Linear}
-    if wrapped:
-        names = ", ".join(sorted(f"{t.__module__}.{t.__qualname__}" for t in wrapped))
-        return f"Q/K/V projections that are not plain torch.nn.Linear layers ({names})"
-    if config._attn_implementation not in ATTENTION:
-        return f"attn_implementation={config._attn_implementation} (unpadding wraps {' or '.join(ATTENTION)})"
-    return None
+GROUP = 4  # attention runs on groups of this many sequences of similar length (see Groups)
 
 
 def apply(model) -> str | None:
-    """Make `model` (a BertFor... model, not yet wrapped by DDP) train unpadded. Returns None when
-    done, else the reason it was left padded."""
-    reason = unsupported(model)
-    if reason is None:
-        base = model.base_model
-        base.__class__ = UnpaddedBertModel
-        base.unpad_batches = [0, 0]
-        base.pooled_only = False
-        # transformers records hidden states and attentions by the model's class name: the same as BertModel's
-        _CAN_RECORD_REGISTRY[base] = getattr(base, "_can_record_outputs", None)
-        if type(model) in POOLED_HEADS and "pooled_only_hooks" not in base.__dict__:
-            base.pooled_only_hooks = hook_pooled_only(model)
-    return reason
+    """Make BertForSequenceClassification `model` compute its forward unpadded. Call it on the
+    model itself before DDP wraps it (the Trainer wraps in train()). Returns None when done, else
+    the reason it was left padded."""
+    if is_applied(model):
+        return None
+    try:
+        bert_parts.read(model)
+    except bert_parts.Unsupported as e:
+        return str(e)
+    model.forward = UnpaddedForward(model)
+    return None
 
 
 def remove(model) -> None:
-    base = getattr(model, "base_model", None)
-    if type(base) is UnpaddedBertModel:
-        for hook in base.__dict__.pop("pooled_only_hooks", ()):
-            hook.remove()
-        base.__class__ = BertModel
+    """Back to the class's forward (after `apply`, before anything wrapped it)."""
+    if isinstance(model.__dict__.get("forward"), UnpaddedForward):
+        del model.forward
 
 
-def hook_pooled_only(model) -> tuple:
-    """Let `model`'s encoder compute only the pooled first token in its last layer while `model`
-    runs its forward (and only then: the encoder called on its own returns every token). Hooks,
-    so that the head's own forward runs unchanged; the flag is cleared even if it raises."""
-    base = model.base_model
-
-    def on(module, args):
-        base.pooled_only = True
-
-    def off(module, args, output):
-        base.pooled_only = False
-
-    return model.register_forward_pre_hook(on), model.register_forward_hook(off, always_call=True)
+def attached(model) -> UnpaddedForward | None:
+    """The UnpaddedForward of `model` (or of the model DDP wraps), through the wrappers accelerate
+    puts around a forward (each names the one it wraps as `__wrapped__`)."""
+    forward = getattr(model, "module", model).__dict__.get("forward")
+    if forward is None:
+        return None
+    forward = inspect.unwrap(forward, stop=lambda f: isinstance(f, UnpaddedForward))
+    return forward if isinstance(forward, UnpaddedForward) else None
 
 
 def is_applied(model) -> bool:
-    model = getattr(model, "module", model)  # DDP
-    return type(getattr(model, "base_model", None)) is UnpaddedBertModel
-
-
-def pooled_only_applied(model) -> bool:
-    """Whether `model`'s forward computes its last layer for the pooled token only (see hook_pooled_only)."""
-    model = getattr(model, "module", model)  # DDP
-    return is_applied(model) and "pooled_only_hooks" in model.base_model.__dict__
+    return attached(model) is not None
 
 
 def counts(model) -> dict:
     """Training batches run unpadded and run padded (no padding, left padding, ...) so far."""
-    base = getattr(getattr(model, "module", model), "base_model", None)
-    packed, padded = getattr(base, "unpad_batches", (0, 0))
+    forward = attached(model)
+    packed, padded = forward.batches if forward is not None else (0, 0)
     return {"perf_unpadded_batches": packed, "perf_padded_batches": padded}
+
+
+class UnpaddedForward:
+    """BertForSequenceClassification.forward computed without the padding, from `model`'s own
+    submodules (read by bert_parts on every call, so it always runs the modules the model has)
+    and the head's own loss and output type (bert_parts.output). What it cannot take runs the class's own forward: a
+    batch it cannot pack, and a model changed since `apply` into one it cannot compute (logged
+    once)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.batches = [0, 0]  # training batches run unpadded, padded
+        self.warned = False
+
+    # The stock forward's parameters, by name: the Trainer keeps the dataset columns the model's forward names.
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None, labels=None, **kwargs):
+        model = self.model
+        parts = self._parts()
+        packs = parts is not None and _can_pack(model, parts, input_ids, attention_mask, inputs_embeds, kwargs)
+        if model.training:
+            self.batches[0 if packs else 1] += 1
+        if not packs:
+            return type(model).forward(model, input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                       position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+        pack = Packing(attention_mask, ROWS)
+        pooled = pooled_output(parts, pack, input_ids, attention_mask, token_type_ids, position_ids)
+        logits = parts.classifier(parts.dropout(pooled))  # as the head's forward: its dropout, then the classifier
+        return bert_parts.output(model, logits, labels)
+
+    def _parts(self) -> bert_parts.Classifier | None:
+        try:
+            return bert_parts.read(self.model)
+        except bert_parts.Unsupported as e:
+            if not self.warned:
+                self.warned = True
+                log.warning("perf.unpad: the model changed since unpadding was applied (%s), so it computes the padded batches", e)
+            return None
+
+
+def _can_pack(model, parts: bert_parts.Classifier, input_ids, attention_mask, inputs_embeds, kwargs) -> bool:
+    if input_ids is None or inputs_embeds is not None or attention_mask is None or attention_mask.dim() != 2:
+        return False
+    config = model.config
+    if any(v for k, v in kwargs.items() if k not in IGNORED_KWARGS) or config.output_attentions \
+            or config.output_hidden_states or kwargs.get("return_dict", config.return_dict) is False:
+        return False  # attentions, hidden states, a tuple: the model's own forward provides them
+    if parts.checkpointing and model.training:
+        return False
+    if not bool(attention_mask[:, 0].all()):
+        return False  # left padding: the padded model pools a pad token
+    return not bool(attention_mask.all())  # no padding: nothing to remove
+
+
+def pooled_output(parts: bert_parts.Classifier, pack: Packing, input_ids, attention_mask, token_type_ids,
+                  position_ids) -> torch.Tensor:
+    """BertModel's pooled output, (batch, hidden), computed on the packed tokens: every layer
+    but the last for every token, the last for the first tokens' rows (see the module doc)."""
+    x = _embed(parts.embeddings, pack, input_ids, token_type_ids, position_ids)
+    # attention as transformers' eager attention computes it: on CPU eager trains faster than sdpa,
+    # whose math path (the only one with dropout) upcasts bf16 and checks for fully masked rows
+    groups = Groups(pack, attention_mask, parts.layers[0].attention.heads, _compute_dtype(x))
+    for layer in parts.layers[:-1]:
+        x = _layer(layer, pack, x, groups)
+    return parts.pooler(_layer(parts.layers[-1], pack, x, groups, first_only=True).unsqueeze(1))
+
+
+def _embed(emb: bert_parts.Embeddings, pack: Packing, input_ids, token_type_ids, position_ids) -> torch.Tensor:
+    """BertEmbeddings.forward on the packed tokens (positions default to 0.., token types to 0)."""
+    ids = pack.gather(input_ids)
+    if position_ids is None:
+        positions = pack.index % pack.length
+    else:
+        positions = pack.gather(position_ids.expand(pack.batch, pack.length))
+    types = torch.zeros_like(ids) if token_type_ids is None else pack.gather(token_type_ids)
+    x = emb.words(ids) + emb.token_types(types)
+    x = x + emb.positions(positions)
+    return _dropout(emb.norm(x), emb.dropout, pack)
+
+
+def _layer(layer: bert_parts.Layer, pack: Packing, x: torch.Tensor, groups: Groups, first_only: bool = False) -> torch.Tensor:
+    """BertLayer.forward on packed tokens: attention on groups, the rest packed. `first_only`:
+    the output of each sequence's first token alone, (batch, hidden)."""
+    first = x.index_select(0, pack.first) if first_only else None
+    a = _self_attention(layer.attention, x, groups, first)
+    h = _residual(layer.attention_output, a, x if first is None else first, pack, first_only)
+    return _residual(layer.output, layer.intermediate(h), h, pack, first_only)
+
+
+def _residual(block: bert_parts.Residual, x: torch.Tensor, residual: torch.Tensor, pack: Packing, first_only: bool) -> torch.Tensor:
+    """BertSelfOutput / BertOutput.forward: norm(dropout(dense(x)) + residual), the padded model's dropout mask."""
+    return block.norm(_dropout(block.dense(x), block.dropout, pack, first_only) + residual)
+
+
+def _self_attention(att: bert_parts.Attention, x: torch.Tensor, groups: Groups, first: torch.Tensor | None) -> torch.Tensor:
+    """Attention of every packed token of `x`, or (`first`: the sequences' first-token rows of
+    `x`) of the first tokens only, over every token's keys and values."""
+    # Q, K and V from one matmul over the stacked weights: the same dot products, but one
+    # GEMM three times as wide, one bf16 cast of x and one gather instead of three each
+    projections = (att.query, att.key, att.value) if first is None else (att.key, att.value)
+    weight = torch.cat([p.weight for p in projections])
+    bias = torch.cat([p.bias for p in projections]) if att.query.bias is not None else None
+    queries = None if first is None else att.query(first)
+    return groups.attend(torch.nn.functional.linear(x, weight, bias), att, queries)
 
 
 class Packing:
@@ -150,10 +226,6 @@ class Packing:
         """(batch, length, ...) → (tokens, ...)."""
         return padded.reshape(self.batch * self.length, *padded.shape[2:]).index_select(0, self.index)
 
-    def scatter(self, packed: torch.Tensor) -> torch.Tensor:
-        """(tokens, ...) → (batch, length, ...), zeros at the padding."""
-        return _pad_input(packed, self.index, self.batch, self.length)
-
 
 class Group(NamedTuple):
     seqs: torch.Tensor      # the group's sequences (rows of the batch)
@@ -163,35 +235,10 @@ class Group(NamedTuple):
     position: torch.Tensor  # (sequences, width): each slot's position in the padded layout
 
 
-class PaddedAttention:
-    """Evaluation: the model's own attention implementation (sdpa or eager) and 4D mask on the
-    batch's padded layout, as the padded model runs it."""
-
-    def __init__(self, pack: Packing, config, attention_mask: torch.Tensor, dtype):
-        self.pack = pack
-        self.function = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
-        # the public helper BertModel's forward calls (its private wrapper changed its signature in transformers 5.25)
-        self.mask = create_bidirectional_mask(config=config, attention_mask=attention_mask,
-                                              inputs_embeds=torch.empty((pack.batch, pack.length, 0), dtype=dtype))
-
-    def attend(self, stacked: torch.Tensor, sa, first: torch.Tensor | None = None) -> torch.Tensor:
-        """As Groups.attend, with the model's own attention function on the padded layout."""
-        pack = self.pack
-        *q, k, v = pack.scatter(stacked).view(pack.batch, pack.length, -1, sa.num_attention_heads,
-                                              sa.attention_head_size).permute(2, 0, 3, 1, 4).unbind(0)
-        if first is None:
-            out, _ = self.function(sa, q[0], k, v, self.mask, dropout=0.0, scaling=sa.scaling)
-            return pack.gather(out.reshape(pack.batch, pack.length, -1))
-        q = first.view(pack.batch, 1, -1, sa.attention_head_size).transpose(1, 2)
-        mask = None if self.mask is None else self.mask[..., :1, :]  # the first query's row
-        out, _ = self.function(sa, q, k, v, mask, dropout=0.0, scaling=sa.scaling)
-        return out.reshape(pack.batch, -1)
-
-
 class Groups:
     """The batch's sequences sorted by packed length and cut into groups of `size`, each padded
-    only to its own longest: training attention runs on these (`attend`) instead of on the
-    batch padded to its longest.
+    only to its own longest: attention runs on these (`attend`) instead of on the batch padded to
+    its longest.
 
     Why: attention is the one part of the encoder still computed on a padded layout, and its
     cost grows with the square of the padded length. On MRPC batches of 16 in random order,
@@ -234,13 +281,13 @@ class Groups:
         self.back_seqs = torch.empty_like(order)
         self.back_seqs[order] = torch.arange(pack.batch)
 
-    def attend(self, stacked: torch.Tensor, sa, first: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of packed (tokens, 3 x hidden) Q/K/V rows for BertSelfAttention `sa`, as
-        transformers' eager attention computes it on the padded layout: scaled scores plus the
-        mask, softmax in fp32, dropout with the padded model's mask, times V. Returns (tokens, hidden).
-        With `first`, the queries of the sequences' first tokens alone, (batch, hidden) in batch
-        order: then `stacked` holds only K/V rows, and each sequence's output row is returned."""
-        pack, heads, head_size, dropout = self.pack, self.heads, sa.attention_head_size, sa.dropout
+    def attend(self, stacked: torch.Tensor, att: bert_parts.Attention, first: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of packed (tokens, 3 x hidden) Q/K/V rows, as transformers' eager attention
+        computes it on the padded layout: scaled scores plus the mask, softmax in fp32, dropout
+        with the padded model's mask, times V. Returns (tokens, hidden). With `first`, the queries
+        of the sequences' first tokens alone, (batch, hidden) in batch order: then `stacked` holds
+        only K/V rows, and each sequence's output row is returned."""
+        pack, heads, head_size, dropout = self.pack, self.heads, att.head_size, att.dropout
         keep = _bernoulli((pack.batch, heads, pack.length, pack.length), dropout.p) if _draws(dropout) else None
         outs = []
         for seqs, width, index, mask, position in self.groups:
@@ -249,7 +296,7 @@ class Groups:
             *q, k, v = (t.reshape(n * heads, width, head_size) for t in x.unbind(0))
             q = q[0] if first is None else first.index_select(0, seqs).view(n * heads, 1, head_size)
             # the scaling and the mask inside the matmul: one pass over the scores instead of three
-            probs = torch.softmax(torch.baddbmm(mask, q, k.transpose(1, 2), alpha=sa.scaling), dim=-1, dtype=torch.float32)
+            probs = torch.softmax(torch.baddbmm(mask, q, k.transpose(1, 2), alpha=att.scaling), dim=-1, dtype=torch.float32)
             if keep is not None:  # the mask's rows at the queries' padded positions (a first token's is 0)
                 rows = position[:, None, :, None] if first is None else 0
                 cut = keep[seqs[:, None, None, None], torch.arange(heads)[None, :, None, None], rows, position[:, None, None, :]]
@@ -257,6 +304,16 @@ class Groups:
             out = torch.bmm(probs.to(v.dtype), v)
             outs.append(out.view(n, heads, -1, head_size).transpose(1, 2).reshape(-1, heads * head_size))
         return torch.cat(outs).index_select(0, self.back if first is None else self.back_seqs)
+
+
+def _dropout(x: torch.Tensor, module: torch.nn.Dropout, pack: Packing, first_only: bool = False) -> torch.Tensor:
+    """`module(x)` for packed `x` (or only the sequences' first tokens) with the padded model's
+    mask: drawn over the padded shape, then the rows of the tokens in `x` kept."""
+    if not _draws(module):
+        return module(x)  # identity, or zeros for p=1: no draw either way
+    keep = _bernoulli((pack.batch * pack.length, *x.shape[1:]), module.p)
+    rows = pack.index.index_select(0, pack.first) if first_only else pack.index
+    return _apply_mask(x, keep.index_select(0, rows), module.p)
 
 
 def _bernoulli(shape, p: float) -> torch.Tensor:
@@ -267,105 +324,6 @@ def _apply_mask(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     noise = keep.to(x.dtype)
     noise.div_(1 - p)
     return x * noise
-
-
-class UnpaddedBertModel(BertModel):
-    """BertModel whose forward packs the real tokens (see the module doc). Set on a model's
-    instance by `apply`; its parameters, buffers and state dict are BertModel's."""
-
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                **kwargs):
-        packs = self._can_pack(input_ids, attention_mask, inputs_embeds, kwargs)
-        if self.training and "unpad_batches" in self.__dict__:
-            self.unpad_batches[0 if packs else 1] += 1
-        if not packs:
-            return super().forward(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                   position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
-        pack = Packing(attention_mask, ROWS)
-        x = self._embed(pack, input_ids, token_type_ids, position_ids)
-        if self.training:
-            # attention on groups (see Groups), computed as transformers' eager attention: on CPU eager trains faster
-            # than sdpa, whose math path (the only one with dropout) upcasts bf16 and checks for fully masked rows
-            attention = Groups(pack, attention_mask, self.config.num_attention_heads, _compute_dtype(x))
-        else:
-            attention = PaddedAttention(pack, self.config, attention_mask, x.dtype)
-        layers = self.encoder.layer
-        first_only = self.__dict__.get("pooled_only", False) and self.pooler is not None and len(layers) > 0
-        for layer in layers[:-1] if first_only else layers:
-            x = self._layer(layer, pack, x, attention)
-        if first_only:  # the head reads only the pooled first token (see hook_pooled_only): (batch, 1, hidden) is all there is
-            sequence = self._layer(layers[-1], pack, x, attention, first_only=True).unsqueeze(1)
-            pooled = self.pooler(sequence)
-        else:
-            pooled = self.pooler(x.index_select(0, pack.first).unsqueeze(1)) if self.pooler is not None else None
-            sequence = pack.scatter(x)
-        if kwargs.get("return_dict") is False:
-            return (sequence, pooled)
-        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=sequence, pooler_output=pooled)
-
-    def _can_pack(self, input_ids, attention_mask, inputs_embeds, kwargs) -> bool:
-        if input_ids is None or inputs_embeds is not None or attention_mask is None or attention_mask.dim() != 2:
-            return False
-        if any(v for k, v in kwargs.items() if k not in IGNORED_KWARGS) or self.config.output_attentions \
-                or self.config.output_hidden_states:
-            return False  # attentions, hidden states, a cache, encoder states: the model's own forward provides them
-        if self.encoder.layer and self.encoder.layer[0].gradient_checkpointing and self.training:
-            return False
-        if not bool(attention_mask[:, 0].all()):
-            return False  # left padding: the padded model pools a pad token
-        return not bool(attention_mask.all())  # no padding: nothing to remove
-
-    @staticmethod
-    def _dropout(x: torch.Tensor, module: torch.nn.Dropout, pack: Packing, first_only: bool = False) -> torch.Tensor:
-        """`module(x)` for packed `x` (or only the sequences' first tokens) with the padded model's
-        mask: drawn over the padded shape, then the rows of the tokens in `x` kept."""
-        if not _draws(module):
-            return module(x)  # identity, or zeros for p=1: no draw either way
-        keep = _bernoulli((pack.batch * pack.length, *x.shape[1:]), module.p)
-        rows = pack.index.index_select(0, pack.first) if first_only else pack.index
-        return _apply_mask(x, keep.index_select(0, rows), module.p)
-
-    def _embed(self, pack: Packing, input_ids, token_type_ids, position_ids) -> torch.Tensor:
-        """BertEmbeddings.forward on the real tokens."""
-        emb = self.embeddings
-        ids = pack.gather(input_ids)
-        if position_ids is None:
-            positions = pack.index % pack.length
-        else:
-            positions = pack.gather(position_ids.expand(pack.batch, pack.length))
-        if token_type_ids is None:
-            types = torch.zeros_like(ids)
-        else:
-            types = pack.gather(token_type_ids)
-        x = emb.word_embeddings(ids) + emb.token_type_embeddings(types)
-        x = x + emb.position_embeddings(positions)
-        x = emb.LayerNorm(x)
-        return self._dropout(x, emb.dropout, pack)
-
-    def _layer(self, layer, pack: Packing, x: torch.Tensor, attention, first_only: bool = False) -> torch.Tensor:
-        """BertLayer.forward on packed tokens: attention on groups or the padded layout, the rest
-        packed. `first_only`: the output of each sequence's first token alone, (batch, hidden)."""
-        first = x.index_select(0, pack.first) if first_only else None
-        a = self._self_attention(layer.attention.self, x, attention, first)
-        if first_only:
-            x = first
-        out = layer.attention.output
-        h = out.LayerNorm(self._dropout(out.dense(a), out.dropout, pack, first_only) + x)
-        i = layer.intermediate(h)
-        out = layer.output
-        return out.LayerNorm(self._dropout(out.dense(i), out.dropout, pack, first_only) + h)
-
-    @staticmethod
-    def _self_attention(sa, x: torch.Tensor, attention, first: torch.Tensor | None) -> torch.Tensor:
-        """Attention of every packed token of `x`, or (`first`: the sequences' first-token rows of
-        `x`) of the first tokens only, over every token's keys and values."""
-        # Q, K and V from one matmul over the stacked weights: the same dot products, but one
-        # GEMM three times as wide, one bf16 cast of x and one scatter or gather instead of three each
-        projections = (sa.query, sa.key, sa.value) if first is None else (sa.key, sa.value)
-        weight = torch.cat([p.weight for p in projections])
-        bias = torch.cat([p.bias for p in projections]) if sa.query.bias is not None else None
-        queries = None if first is None else sa.query(first)
-        return attention.attend(torch.nn.functional.linear(x, weight, bias), sa, queries)
 
 
 def _draws(module: torch.nn.Dropout) -> bool:
