@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,9 @@ def _start(store: Path) -> Server:
                "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts"),
                "--gunicorn-opts", "--log-level warning"]
     with open(store / "server.log", "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # No job runner: it needs packages the server does not (huey), and Azure's jobs run none.
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     server = Server(f"http://127.0.0.1:{port}", store, process)
     deadline = time.monotonic() + START_TIMEOUT_S
     while not _healthy(server.uri):

@@ -4,8 +4,8 @@ transformers' Trainer writes `checkpoint-N/` (weights, optimizer, scheduler, RNG
 rank, trainer_state.json with the step and log history) straight into its final folder, file by
 file, from several ranks. A process killed half-way leaves a folder that looks like a checkpoint,
 and Trainer's own `get_last_checkpoint` would pick it. So nlpwf marks a checkpoint complete only
-once every rank has written its part: each rank flushes the files it sees in the folder and
-reports them with their sizes through a collective, and rank 0 writes MARKER (results.files),
+once every rank has written its part: after a barrier, each rank flushes the files it sees in
+the folder and reports them with their sizes through a collective, and rank 0 writes MARKER (results.files),
 which lists the union of the reports. A rank sees its own files at once; on a blob mount shared
 by several nodes (an Azure ML `checkpoints` output) it may not see another node's new files yet
 (the mount caches listings), so a listing of rank 0's folder alone could leave them out. The
@@ -112,6 +112,14 @@ def mark_complete(path: Path, step: int, reports: list[dict[str, int]]) -> bool:
     return True
 
 
+def mark_by_every_rank(path: Path, step: int, is_main: bool) -> bool | None:
+    """Every rank calls this once its part of checkpoint `path` is written; rank 0 marks it from
+    every rank's report (whether it did), the others return None."""
+    collective.barrier()  # no rank reports a file that another is still writing
+    reports = collective.gather(seen_files(path))
+    return mark_complete(path, step, reports) if is_main else None
+
+
 class CheckpointCallback(TrainerCallback):
     """Marks each checkpoint complete, rotates old ones, and with `save_strategy=steps` also
     saves at each epoch end (transformers offers steps or epochs, not both)."""
@@ -128,10 +136,7 @@ class CheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self.last_saved = state.global_step
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        # Every rank reports after its own part is written: the gather is also the barrier.
-        reports = collective.gather(seen_files(folder))
-        if state.is_world_process_zero:
-            mark_complete(folder, state.global_step, reports)
+        if mark_by_every_rank(folder, state.global_step, state.is_world_process_zero):  # older ones go only now
             rotate_checkpoints(str(args.output_dir), save_total_limit=self.keep,
                                best_model_checkpoint=state.best_model_checkpoint)
         return control
