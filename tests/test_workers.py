@@ -1,8 +1,7 @@
-"""Starting a job's ranks on this machine: the master port is held for the job, addresses come
-from psutil, and Azure ML's processes inherit nothing of this shell. Real processes."""
+"""Starting a job's ranks on this machine: the master port is held for the job, and addresses
+come from psutil. Real processes. (What Azure ML's processes inherit: test_azureml_emulate.py.)"""
 from __future__ import annotations
 
-import json
 import sys
 
 from nlpwf.runtime import network, workers
@@ -42,19 +41,3 @@ def test_interface_addresses_come_from_psutil():
     assert network.interface_address("lo") == "127.0.0.1"
     assert network.interface_address("no-such-interface0") is None
     assert network.host_address("no-such-interface0") == network.host_address()
-
-
-def test_azureml_processes_inherit_nothing_of_this_shell(monkeypatch, capfd):
-    """An allow-list: the job's variables and Azure's contract; a variable of the launching shell
-    (a canary, OMP_NUM_THREADS, LOCAL_WORLD_SIZE) does not reach them."""
-    monkeypatch.setenv("NLPWF_SHELL_CANARY", "x")
-    monkeypatch.setenv("OMP_NUM_THREADS", "7")
-    show = ("import json; raw = open('/proc/self/environ', 'rb').read().split(b'\\0'); "  # as the process started
-            "print('ENV', json.dumps(sorted(i.split(b'=', 1)[0].decode() for i in raw if i)))")
-    code = workers.run_workers([sys.executable, "-c", show], 1, 2, extra_env={"JOBVAR": "x", "PATH": "/usr/bin:/bin"},
-                               azureml=True)
-    assert code == 0
-    seen = [json.loads(line.split("ENV ", 1)[1]) for line in capfd.readouterr().out.splitlines() if "ENV " in line]
-    assert len(seen) == 2
-    for names in seen:
-        assert set(names) == {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "JOBVAR", "PATH"}

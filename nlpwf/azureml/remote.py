@@ -84,15 +84,6 @@ def publish(local: Path, output: Path, rank: contract.Rank, completed: bool) -> 
             files.copy_file(local / name, output / LOGS_DIR / f"{Path(name).stem}.rank-{rank.rank}.log")
 
 
-def leave_process_group() -> None:
-    """A rank whose task is done leaves torch's process group before the process ends (other
-    ranks may still be working): ending with the group's threads running can abort the process
-    in their destructors, which Azure would report as the job failing."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def main(argv: list[str]) -> int:
     if not argv or any("=" not in a for a in argv[1:]):
         print(f"usage: python -m nlpwf.azureml.remote {payload.PAYLOAD_FILE} [key=value ...]", file=sys.stderr)
@@ -111,7 +102,6 @@ def main(argv: list[str]) -> int:
         if ret.status == JobStatus.COMPLETED and rank.is_main:
             payload.write_return(Path(ret.hydra_cfg.hydra.runtime.output_dir) / payload.RETURN_FILE, ret.return_value)
     finally:
-        leave_process_group()
         if output is not None:
             publish(Path(job.config.hydra.run.dir), output, rank, ret is not None and ret.status == JobStatus.COMPLETED)
     if ret.status != JobStatus.COMPLETED:
