@@ -8,9 +8,10 @@ overrides, sweep dirs, custom resolvers, return values, working dirs, task names
 
 These apps are not nlpwf's: they name their cluster with hydra.launcher.cluster and run as one
 node with one process. A task's working dir is where the emulated job runs it: with
-hydra.job.chdir=true, its run dir: the job's `results` output, which emulate keeps in the job dir
-(<job dir>/azureml/named_outputs/results);
-the integration suite's hook for apps run elsewhere (get_test_app_working_dir) says so.
+hydra.job.chdir=true, its run dir: its process's own folder on the node's disk
+(<job dir>/azureml/emulate/node-0/.nlpwf_runs/rank-0, see nlpwf.azureml.remote), which is then
+published to the job's `results` output; the integration suite's hook for apps run elsewhere
+(get_test_app_working_dir) says so.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from hydra.test_utils.launcher_common_tests import BatchedSweeperTestSuite, Inte
 from omegaconf import OmegaConf
 from pytest import fixture, mark
 
-from nlpwf.azureml import emulate, job
+from nlpwf.azureml import emulate, job, remote
 
 LAUNCHER = "nlpwf_azureml"
 OVERRIDES = ["hydra.launcher.emulate=true", "hydra.launcher.cluster=cpu-test"]
@@ -47,13 +48,13 @@ class TestAzureMLLauncherBatched(BatchedSweeperTestSuite):
 
 class EmulatedWorkingDirs:
     """What the suite joins a job dir to (`app_dir / "cli_dir/cli_dir_0"`): the working dir the
-    task of that job had with chdir, its results output."""
+    task of that job had with chdir, rank 0's run dir on node 0's disk."""
 
     def __init__(self, tmpdir: Path) -> None:
         self.tmpdir = Path(tmpdir)
 
     def __truediv__(self, job_dir: str) -> Path:
-        return self.tmpdir / job_dir / job.AZURE_DIR / emulate.OUTPUTS_DIR / job.RESULTS_OUTPUT
+        return self.tmpdir / job_dir / job.AZURE_DIR / emulate.SCRATCH_DIR / "node-0" / remote.LOCAL_RUNS / "rank-0"
 
 
 @mark.parametrize("task_launcher_cfg, extra_flags", [({}, ["-m", f"hydra/launcher={LAUNCHER}", *OVERRIDES])])

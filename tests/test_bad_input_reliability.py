@@ -170,7 +170,7 @@ def _complete_checkpoint(folder: Path, step: int) -> Path:
     ckpt = folder / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{}")
-    checkpoints.mark_complete(ckpt, step, 1)
+    checkpoints.mark_complete(ckpt, step, [checkpoints.seen_files(ckpt)])
     return ckpt
 
 

@@ -37,12 +37,6 @@ def from_env() -> Rank | None:
     )
 
 
-# What a launcher may set beyond CONTRACT (torchrun, nlpwf's local workers) and Azure ML does not:
-# a process of an Azure ML job must not depend on these.
-NOT_AZUREML = ("LOCAL_WORLD_SIZE", "OMP_NUM_THREADS", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
-               "LOCAL_GROUP_RANK", "TORCHELASTIC_RUN_ID")
-
-
 def contract_env(rank: int, local_rank: int, node_rank: int, world_size: int, local_world_size: int,
                  port: int, threads: int, master_addr: str = "127.0.0.1", azureml: bool = False) -> dict[str, str]:
     """The variables of one rank started on this machine. `azureml`: only what Azure ML's

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,43 +17,11 @@ import time
 from pathlib import Path
 
 from nlpwf.errors import Interrupted, JobFailed, PeerLost, UserError
-from nlpwf.runtime.contract import NOT_AZUREML, contract_env
+from nlpwf.runtime.contract import contract_env
+from nlpwf.runtime.network import free_port, host_address, reserved_port  # noqa: F401 - free_port: tests and benchmarks take it from here
 from nlpwf.runtime.threads import threads_per_process
 
 log = logging.getLogger(__name__)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def interface_address(name: str) -> str | None:
-    """The IPv4 address of network interface `name` (Linux), or None."""
-    import fcntl
-    import struct
-
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
-        return socket.inet_ntoa(packed[20:24])
-    except OSError:
-        return None
-
-
-def host_address(interface: str | None = None) -> str:
-    """A non-loopback address of this machine, as a master node's is on a cluster: the given
-    interface's, else the one the default route uses; loopback only when there is none."""
-    found = interface_address(interface) if interface else None
-    if found:
-        return found
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
 
 
 def _pump(stream, prefix: str, sink) -> None:
@@ -72,37 +39,37 @@ def run_workers(
     """Start nodes × processes_per_node copies of `command` on this machine, each with the env
     contract of its rank, and wait. If one fails the others are stopped (a DDP peer waiting on
     a dead rank would otherwise hang until the collective timeout). Returns the first failing
-    exit code, or 0.
+    exit code, or 0. MASTER_PORT is held for the job from before the first rank starts until
+    the last one ends (network.reserved_port): rank 0's store binds it, nobody else can.
 
-    `azureml`: the processes see what Azure ML's nodes see, no more: only the documented
-    contract (no LOCAL_WORLD_SIZE, no OMP_NUM_THREADS but what `extra_env`, the job's own
-    variables, sets; none inherited from here either), and MASTER_ADDR this machine's network
-    address rather than loopback (the interface GLOO_SOCKET_IFNAME names, when it has one), so
-    no process can tell that every rank runs on one machine."""
+    `azureml`: the processes see what Azure ML's nodes see, no more: `extra_env` (the job's
+    own variables and what the platform sets, as the emulator passes them) and the documented
+    contract (no LOCAL_WORLD_SIZE, no OMP_NUM_THREADS but what `extra_env` sets), nothing
+    inherited from this process: an allow-list. MASTER_ADDR is this machine's network address
+    rather than loopback (the interface GLOO_SOCKET_IFNAME names, when it has one), so no
+    process can tell that every rank runs on one machine."""
     world = nodes * processes_per_node
     threads = threads or threads_per_process(None, world)
-    base = dict(os.environ)
-    master = "127.0.0.1"
-    if azureml:
-        for name in NOT_AZUREML:
-            base.pop(name, None)
-        master = host_address((extra_env or {}).get("GLOO_SOCKET_IFNAME"))
-    port = free_port(master)
-    procs, pumps = [], []
-    for node in range(nodes):
-        for local in range(processes_per_node):
-            rank = node * processes_per_node + local
-            contract = contract_env(rank, local, node, world, processes_per_node, port, threads,
-                                    master_addr=master, azureml=azureml)
-            proc, pump = _start(command, rank, cwd, {**base, **(extra_env or {}), **contract})
-            procs.append(proc)
-            pumps.append(pump)
-    if azureml:
-        log.info("started %d processes (%d node(s) x %d) with Azure ML's contract, master %s", world, nodes,
-                 processes_per_node, master)
-    else:
-        log.info("started %d worker processes (%d node(s) x %d), %d thread(s) each", world, nodes, processes_per_node, threads)
-    return _wait(procs, pumps, grace_s)
+    extra_env = dict(extra_env or {})
+    base = extra_env if azureml else {**os.environ, **extra_env}
+    master = host_address(extra_env.get("GLOO_SOCKET_IFNAME")) if azureml else "127.0.0.1"
+    with reserved_port(master) as port:
+        procs, pumps = [], []
+        for node in range(nodes):
+            for local in range(processes_per_node):
+                rank = node * processes_per_node + local
+                contract = contract_env(rank, local, node, world, processes_per_node, port, threads,
+                                        master_addr=master, azureml=azureml)
+                proc, pump = _start(command, rank, cwd, {**base, **contract})
+                procs.append(proc)
+                pumps.append(pump)
+        if azureml:
+            log.info("started %d processes (%d node(s) x %d) with Azure ML's contract, master %s", world, nodes,
+                     processes_per_node, master)
+        else:
+            log.info("started %d worker processes (%d node(s) x %d), %d thread(s) each", world, nodes, processes_per_node,
+                     threads)
+        return _wait(procs, pumps, grace_s)
 
 
 def _start(command: list[str], rank: int, cwd: Path | None, env: dict[str, str]) -> tuple[subprocess.Popen, threading.Thread]:
