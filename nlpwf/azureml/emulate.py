@@ -27,7 +27,7 @@ The job's own spec is read back from job.yaml (as the submission does). Then, as
   machine without oversubscribing it.
 Then the results output is read from the datastore as a download of a finished Azure job
 reads it, trusting only what its marker lists (results.files), collected into the job dir
-(submit.collect), and the task's return value is read from it.
+(download.collect), and the task's return value is read from it.
 """
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ from omegaconf import DictConfig
 
 from nlpwf.azureml import job as azjob
 from nlpwf.azureml import mlflowserver, mountview, noderules
+from nlpwf.azureml.download import collect, task_return
 from nlpwf.azureml.job import JobSpec
-from nlpwf.azureml.submit import collect, task_return
 from nlpwf.errors import UserError
 from nlpwf.results import files
 from nlpwf.runtime.workers import raise_for_exit, run_workers

@@ -24,7 +24,6 @@ from omegaconf import DictConfig
 
 from nlpwf.azureml import download, workspace
 from nlpwf.azureml import job as azjob
-from nlpwf.azureml.download import collect, task_return  # noqa: F401 - emulate.py imports them from here
 from nlpwf.azureml.job import JobSpec
 from nlpwf.results import files
 
