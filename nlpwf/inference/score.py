@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from pathlib import Path
 
 from azureml_inference_server_http.api.aml_response import AMLResponse
 
-from nlpwf.inference import scoring
-from nlpwf.inference.load import load_classifier
-from nlpwf.runtime import threads
+# The deployment's code folder (which holds nlpwf/) is two levels above this file. Azure's server puts
+# its app root (and AZUREML_SOURCE_DIRECTORY, when set) on sys.path; that need not be this folder.
+CODE_ROOT = str(Path(__file__).resolve().parents[2])
+if CODE_ROOT not in sys.path:
+    sys.path.insert(0, CODE_ROOT)
+
+from nlpwf.inference import scoring  # noqa: E402
+from nlpwf.inference.load import load_classifier  # noqa: E402
+from nlpwf.runtime import threads  # noqa: E402
 
 # A child of the server's own logger, so that these lines go where its lines go.
 log = logging.getLogger("azmlinfsrv.nlpwf")

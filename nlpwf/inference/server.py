@@ -88,7 +88,9 @@ def start(model_dir: Path, port: int, env: dict[str, str], log: Path, app_root: 
     command = [python or python_for_server(), "-c", LAUNCH, "--entry_script", str(entry_script),
                "--model_dir", str(model_dir), "--port", str(port), "--worker_count", str(workers)]
     base = dict(os.environ) if inherit_env else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    full_env = {**base, **env, "AML_APP_ROOT": str(app_root)}
+    # gunicorn 27 opens a control socket at one fixed path per user (~/.gunicorn/gunicorn.ctl): two servers
+    # here (tests, the benchmark's fp32 and INT8) would take it from each other. Azure runs one per container.
+    full_env = {**base, **env, "AML_APP_ROOT": str(app_root), "GUNICORN_CMD_ARGS": "--no-control-socket"}
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         process = subprocess.Popen(command, cwd=app_root, env=full_env, stdout=out, stderr=subprocess.STDOUT,
