@@ -20,11 +20,11 @@ import logging
 import shutil
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from nlpwf.azureml import endpoint, workspace
 from nlpwf.errors import JobFailed, UserError
-from nlpwf.inference import scoring, server
+from nlpwf.inference import server
 from nlpwf.results import files
 from nlpwf.stages.serve import settings as serve_settings
 
@@ -84,9 +84,22 @@ def register(ml_client, ref: endpoint.ModelRef, deployment) -> str:
     return f"azureml:{model.name}:{model.version}"
 
 
+def registered_backend(ml_client, ref: endpoint.ModelRef, stage: DictConfig, instance_type: str) -> None:
+    """A registered model's backend from its nlpwf_backend tag (set when nlpwf registers it): the
+    instance's ISA is checked against it before anything is created."""
+    if ref.backend is not None or ref.folder is not None:
+        return
+    tags = ml_client.models.get(name=ref.name, version=ref.version).tags or {}
+    if tags.get(endpoint.BACKEND_TAG):
+        ref.backend = tags[endpoint.BACKEND_TAG]
+        endpoint.choose_instance_type(OmegaConf.merge(stage, {"instance_type": instance_type}), ref.backend)
+
+
 def rollout(ml_client, spec_endpoint, spec_deployment, ref, smoke: dict, stage: DictConfig, azure_dir: Path) -> dict:
+    registered_backend(ml_client, ref, stage, spec_deployment.instance_type)
+    shown = ref.registered
     if ref.folder is not None:
-        spec_deployment.model = register(ml_client, ref, spec_deployment)
+        spec_deployment.model = shown = register(ml_client, ref, spec_deployment)
     wait(ml_client.online_endpoints.begin_create_or_update(spec_endpoint), f"endpoint {stage.endpoint}", stage.timeout_s)
     deployed = wait(ml_client.online_deployments.begin_create_or_update(spec_deployment),
                     f"deployment {stage.deployment}", stage.timeout_s)
@@ -104,7 +117,7 @@ def rollout(ml_client, spec_endpoint, spec_deployment, ref, smoke: dict, stage: 
     answer = ml_client.online_endpoints.invoke(endpoint_name=stage.endpoint, deployment_name=stage.deployment,
                                                request_file=str(request))
     print(f"smoke request to {stage.endpoint}/{stage.deployment}: {answer}", flush=True)
-    print(f"endpoint {stage.endpoint} serves {spec_deployment.model}; delete it with: {delete_command(stage.endpoint)}", flush=True)
+    print(f"endpoint {stage.endpoint} serves {shown}; delete it with: {delete_command(stage.endpoint)}", flush=True)
     return {"smoke_response": json.loads(answer) if isinstance(answer, str) else answer, "traffic": dict(live.traffic),
             "scoring_uri": getattr(live, "scoring_uri", None)}
 

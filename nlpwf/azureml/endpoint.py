@@ -113,8 +113,14 @@ def environment(stage: DictConfig, azure_dir: Path):
 def build(stage: DictConfig, settings: scoring.Settings, azure_dir: Path) -> tuple:
     """The endpoint and the deployment for `stage`, with a fresh code folder in azure_dir/code."""
     from azure.ai.ml.constants import AssetTypes
-    from azure.ai.ml.entities import (CodeConfiguration, ManagedOnlineDeployment, ManagedOnlineEndpoint, Model,
-                                      OnlineRequestSettings, ProbeSettings)
+    from azure.ai.ml.entities import (
+        CodeConfiguration,
+        ManagedOnlineDeployment,
+        ManagedOnlineEndpoint,
+        Model,
+        OnlineRequestSettings,
+        ProbeSettings,
+    )
 
     if not ENDPOINT_NAME.match(str(stage.endpoint)):
         raise UserError(f"stage.endpoint={stage.endpoint}: 3 to 32 letters, digits and '-', starting with a letter")
