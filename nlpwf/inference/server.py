@@ -16,6 +16,7 @@ image lacks is missing here too (`python_for_server` finds it).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -74,9 +75,11 @@ class Server:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def log_tail(self, lines: int = 25) -> str:
-        text = self.log.read_text(errors="replace") if self.log.is_file() else ""
-        return "\n".join(text.splitlines()[-lines:])
+    def log_tail(self, lines: int = 12) -> str:
+        """The log's error lines (an exception's last line names the cause), else its last lines."""
+        text = self.log.read_text(errors="replace").splitlines() if self.log.is_file() else []
+        errors = [line for line in text if re.search(r"(Error|Exception)\b.*:|\bE \[", line)]
+        return "\n".join((errors or text)[-lines:])
 
 
 def start(model_dir: Path, port: int, env: dict[str, str], log: Path, app_root: Path = PROJECT_ROOT,
@@ -90,7 +93,9 @@ def start(model_dir: Path, port: int, env: dict[str, str], log: Path, app_root: 
     base = dict(os.environ) if inherit_env else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     # gunicorn 27 opens a control socket at one fixed path per user (~/.gunicorn/gunicorn.ctl): two servers
     # here (tests, the benchmark's fp32 and INT8) would take it from each other. Azure runs one per container.
-    full_env = {**base, **env, "AML_APP_ROOT": str(app_root), "GUNICORN_CMD_ARGS": "--no-control-socket"}
+    # PYTHONUNBUFFERED as the inference image sets it: the log keeps the order things happened in.
+    full_env = {**base, **env, "AML_APP_ROOT": str(app_root), "GUNICORN_CMD_ARGS": "--no-control-socket",
+                "PYTHONUNBUFFERED": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         process = subprocess.Popen(command, cwd=app_root, env=full_env, stdout=out, stderr=subprocess.STDOUT,
