@@ -43,6 +43,9 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
     stage = cfg.stage
     if stage.delete:
         return delete(stage)
+    if not 0 <= stage.traffic <= 100 or stage.instance_count < 1:
+        raise UserError(f"stage.traffic={stage.traffic}, stage.instance_count={stage.instance_count}: traffic is a percentage "
+                        "(0 to 100) and a deployment needs 1 instance or more")
     if stage.dry_run and stage.emulate:
         raise UserError("stage.dry_run=true and stage.emulate=true: choose one (the dry run starts nothing)")
     azure_dir = Path(job_dir) / endpoint.AZURE_DIR
