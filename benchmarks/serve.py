@@ -197,7 +197,8 @@ def write(rows, accuracy, overhead, backend, args) -> None:
     text = "\n".join([
         "# Serving: Azure ML's inference server with nlpwf's scoring script",
         "", f"Produced by `python benchmarks/serve.py --model {args.model} --data {' '.join(args.data)}`.", "",
-        f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; load average before the run: {args.load:.1f}",
+        f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; 1-minute load average at the start "
+        f"{args.load:.1f}, at the end {os.getloadavg()[0]:.1f} (other work on the machine slows every row)",
         f"- CPU: {cpu.summary()}; {threads.physical_cores()} physical cores, 1 server worker with all of them",
         f"- Versions: {versions()}",
         f"- INT8: backend {backend} (stage.backend=auto on this ISA), inductor-compiled and warmed up in init(); fp32: eager",
