@@ -123,7 +123,7 @@ def summary(name: str, batch: int, concurrency: int, run: dict) -> dict:
 
 
 def serve_and_load(name: str, folder: Path, work: Path, items: list, args) -> list[dict]:
-    settings = scoring.Settings(max_batch=MAX_BATCH, precision="fp32")
+    settings = scoring.Settings(max_batch=MAX_BATCH, precision="fp32", threads=args.threads)
     started = server.start(folder, 0, settings.env(), work / f"server_{name}.log")
     rows = []
     try:
@@ -141,7 +141,7 @@ def serve_and_load(name: str, folder: Path, work: Path, items: list, args) -> li
 
 def in_process(name: str, folder: Path, items: list, batch: int, args) -> float:
     """Median seconds of scoring.predictions on the same batches in this process (what run() calls)."""
-    threads.set_threads(threads.threads_per_process(None, 1))
+    threads.set_threads(threads.threads_per_process(args.threads or None, 1))
     classifier = load_classifier(str(folder), "benchmark", 128, "fp32", compile=True)
     batches = [items[i:i + batch] for i in range(0, len(items) - batch + 1, batch)]
     for b in batches[:4]:
@@ -196,10 +196,12 @@ def write(rows, accuracy, overhead, backend, args) -> None:
             "|---|---|---|---|---|---|---|---|---|")
     text = "\n".join([
         "# Serving: Azure ML's inference server with nlpwf's scoring script",
-        "", f"Produced by `python benchmarks/serve.py --model {args.model} --data {' '.join(args.data)}`.", "",
+        "", f"Produced by `python benchmarks/serve.py --model {args.model} --data {' '.join(args.data)} --threads {args.threads} "
+        f"--requests {args.requests} --seconds {args.seconds:.0f}`.", "",
         f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; 1-minute load average at the start "
         f"{args.load:.1f}, at the end {os.getloadavg()[0]:.1f} (other work on the machine slows every row)",
-        f"- CPU: {cpu.summary()}; {threads.physical_cores()} physical cores, 1 server worker with all of them",
+        f"- CPU: {cpu.summary()}; {threads.physical_cores()} physical cores, 1 server worker with "
+        f"{args.threads or threads.physical_cores()} torch thread(s), the same in process",
         f"- Versions: {versions()}",
         f"- INT8: backend {backend} (stage.backend=auto on this ISA), inductor-compiled and warmed up in init(); fp32: eager",
         f"- Load: loopback, closed loop, a new connection per request (gunicorn's sync workers close them), up to "
@@ -220,6 +222,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of the server's worker (0: the physical cores)")
     args = parser.parse_args(argv)
     args.load = os.getloadavg()[0]
     args.model = args.model.resolve()
