@@ -14,7 +14,10 @@ from nlpwf.runtime import contract
 
 # Imported on demand: a stage's heavy dependencies (e.g. Neural Compressor) load only when used.
 STAGES = {"train": "nlpwf.stages.train", "evaluate": "nlpwf.stages.evaluate", "predict": "nlpwf.stages.predict",
-          "quantize": "nlpwf.stages.quantize", "benchmark": "nlpwf.stages.benchmark"}
+          "quantize": "nlpwf.stages.quantize", "benchmark": "nlpwf.stages.benchmark",
+          "serve": "nlpwf.stages.serve",
+          # Drives Azure ML, which sits above the stages: named here, imported only when run (docs/development.md#layers).
+          "deploy": "nlpwf.azureml.deploy"}
 
 
 def get(name: str) -> Callable[[DictConfig, Path], dict | None]:
