@@ -29,8 +29,8 @@ from nlpwf.data.tasks import TEXT_FIELDS, Task
 from nlpwf.errors import UserError
 from nlpwf.inference import int8
 from nlpwf.inference.classifier import Classifier, tensors
-from nlpwf.inference.load import load_fp32, saved_task
 from nlpwf.inference.evaluation import examples_of, score
+from nlpwf.inference.load import load_fp32, saved_task
 from nlpwf.results import files, metrics
 from nlpwf.runtime import isa
 from nlpwf.runtime.threads import serving_threads

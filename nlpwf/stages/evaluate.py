@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 from nlpwf.data.splits import load_splits
 from nlpwf.data.tasks import Task
 from nlpwf.inference import textfiles
-from nlpwf.inference.load import load_classifier
 from nlpwf.inference.evaluation import examples_of, score
+from nlpwf.inference.load import load_classifier
 from nlpwf.results import files
 from nlpwf.runtime.threads import serving_threads
 
