@@ -158,8 +158,9 @@ def test_dry_run_on_the_amd_size(tmp_path):
 
 def sdk_private_uses() -> list[str]:
     """Private names of Azure's SDKs that nlpwf/azureml uses: imports of private modules or names,
-    and `._name` attributes of anything but nlpwf's own objects (`self`)."""
+    and `._name` attributes of anything but nlpwf's own objects (`self`) and the standard library's."""
     import ast
+    import sys
 
     from nlpwf import PROJECT_ROOT
 
@@ -170,7 +171,8 @@ def sdk_private_uses() -> list[str]:
                 names = [node.module, *(a.name for a in node.names)]
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names if a.name.startswith("azure")]
-            elif isinstance(node, ast.Attribute) and not (isinstance(node.value, ast.Name) and node.value.id == "self"):
+            elif isinstance(node, ast.Attribute) and not (isinstance(node.value, ast.Name) and (
+                    node.value.id == "self" or node.value.id in sys.stdlib_module_names)):  # e.g. sys._getframe: Python's
                 names = [node.attr]
             else:
                 continue

@@ -15,7 +15,7 @@ from tests.test_azureml_job import FAKE_WS, RecordingTransport
 
 from conftest import assert_one_line_error, pairs, run_cli, write_glue
 
-CANARY = "hf_canaryTOKEN0123456789"
+CANARY = "hf_canaryTOKEN0123456789abcdefghijklm"  # the shape of a real one: hf_ and 34 letters or digits
 
 
 def every_file(root: Path) -> dict[Path, bytes]:
@@ -39,12 +39,13 @@ def test_a_credential_in_the_jobs_environment_is_refused_before_anything_is_writ
 @pytest.mark.parametrize("name, value, why", [
     ("HF_TOKEN", "x", "name"), ("WANDB_API_KEY", "x", "name"), ("DB_PASSWORD", "x", "name"),
     ("AZURE_CLIENT_SECRET", "x", "name"), ("STORAGE_CONNECTION_STRING", "x", "name"), ("GITHUB_TOKEN", "x", "name"),
-    ("MY_SETTING", "hf_abcdefghijklmnop", "value"), ("MY_SETTING", "AKIAABCDEFGHIJKLMNOP", "value"),
+    ("MY_SETTING", "hf_abcdefghijklmnopqrstuvwxyzABCDEFGH", "value"), ("MY_SETTING", "AKIAABCDEFGHIJKLMNOP", "value"),
     ("MY_SETTING", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig", "value"),
     ("MY_SETTING", "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=abc==", "value"),
     ("MY_SETTING", "https://a.blob.core.windows.net/c?sv=2024&sig=abcdefghijklmnop", "value"),
     ("OMP_NUM_THREADS", "8", None), ("TOKENIZERS_PARALLELISM", "false", None), ("GLOO_SOCKET_IFNAME", "eth0", None),
     ("HF_HUB_OFFLINE", "1", None), ("KEYBOARD_LAYOUT", "us", None),
+    ("HF_DATASETS_CACHE", "/tmp/pytest-of-root/hf_datasets0", None),  # a path, not an hf_ token
 ])
 def test_what_looks_like_a_credential(name, value, why):
     assert secrets.credential_like(name, value) == why

@@ -122,7 +122,7 @@ def built(tmp_path: Path, *overrides: str):
 def test_rollout_sends_endpoint_deployment_then_traffic_then_the_smoke_request(tmp_path, capsys):
     stage, azure, ref, ep, dep = built(tmp_path)
     transport = EndpointTransport()
-    ml_client = workspace.client(OmegaConf.create(FAKE_WS), credential=FakeCredential(), transport=transport)
+    ml_client = workspace.connect(OmegaConf.create(FAKE_WS), credential=FakeCredential(), transport=transport).ml_client
     smoke = endpoint.smoke_request(None, stage)
     result = deploy.rollout(ml_client, ep, dep, ref, smoke, stage, azure)
     writes = transport.writes()
@@ -148,7 +148,7 @@ def test_rollout_sends_endpoint_deployment_then_traffic_then_the_smoke_request(t
 def test_a_registered_inc_model_on_a_size_without_vnni_is_refused_before_any_put(tmp_path):
     stage, azure, ref, ep, dep = built(tmp_path, "stage.instance_type=Standard_F8s_v2")
     transport = EndpointTransport(model_tags={"nlpwf_backend": "inc_static"})
-    ml_client = workspace.client(OmegaConf.create(FAKE_WS), credential=FakeCredential(), transport=transport)
+    ml_client = workspace.connect(OmegaConf.create(FAKE_WS), credential=FakeCredential(), transport=transport).ml_client
     with pytest.raises(UserError, match="may lack VNNI"):
         deploy.rollout(ml_client, ep, dep, ref, {"inputs": ["x"]}, stage, azure)
     assert transport.writes() == []

@@ -63,7 +63,7 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
     elif stage.emulate:
         result["smoke_response"] = emulate(spec_deployment, ref, smoke, stage, azure_dir)
     else:
-        ml_client = workspace.client(stage.workspace, **workspace.retry_kwargs(stage.retry))
+        ml_client = workspace.connect(stage.workspace, retry=workspace.retry_kwargs(stage.retry)).ml_client
         result.update(rollout(ml_client, spec_endpoint, spec_deployment, ref, smoke, stage, azure_dir))
     files.write_json(Path(job_dir) / files.METRICS_FILE, result)
     return result
@@ -126,7 +126,7 @@ def rollout(ml_client, spec_endpoint, spec_deployment, ref, smoke: dict, stage: 
 
 
 def delete(stage: DictConfig) -> dict:
-    ml_client = workspace.client(stage.workspace, **workspace.retry_kwargs(stage.retry))
+    ml_client = workspace.connect(stage.workspace, retry=workspace.retry_kwargs(stage.retry)).ml_client
     wait(ml_client.online_endpoints.begin_delete(name=stage.endpoint), f"deleting endpoint {stage.endpoint}", stage.timeout_s)
     print(f"deleted endpoint {stage.endpoint} and its deployments (registered models and environments stay)", flush=True)
     return {"deleted": stage.endpoint}

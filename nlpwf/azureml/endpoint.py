@@ -11,6 +11,7 @@ load_online_endpoint / load_online_deployment: what is sent is what was written.
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -147,12 +148,16 @@ def build(stage: DictConfig, settings: scoring.Settings, azure_dir: Path) -> tup
 
 def write(endpoint, deployment, azure_dir: Path) -> tuple[Path, Path]:
     """endpoint.yaml and deployment.yaml in azure_dir, paths relative to it (the folder can move)."""
-    spec = json.loads(json.dumps(deployment._to_dict()))  # plain dicts (the SDK hands OrderedDicts)
+    # Public calls only: a deployment's dump() writes YAML to a stream; an endpoint's dump() ignores
+    # its destination (azure-ai-ml 1.35) and returns the dict. Read back as plain dicts either way.
+    stream = io.StringIO()
+    deployment.dump(stream)
+    spec = yaml.safe_load(stream.getvalue())
     spec["code_configuration"]["code"] = CODE_DIR
     if isinstance(spec.get("environment"), dict) and "build" in spec["environment"]:
         spec["environment"]["build"]["path"] = CONTEXT_DIR
     paths = azure_dir / ENDPOINT_YAML, azure_dir / DEPLOYMENT_YAML
-    paths[0].write_text(yaml.safe_dump(json.loads(json.dumps(endpoint._to_dict())), sort_keys=False))
+    paths[0].write_text(yaml.safe_dump(json.loads(json.dumps(endpoint.dump())), sort_keys=False))
     paths[1].write_text(yaml.safe_dump(spec, sort_keys=False))
     return paths
 

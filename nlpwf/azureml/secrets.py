@@ -39,7 +39,7 @@ _NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|KEY|APIKEY|CREDENTIALS?|
                    r"PRIVATE_KEY|ACCESS_KEY|AUTH)($|_)", re.I)
 # Values that are credentials whatever their name.
 _VALUE = re.compile("|".join([
-    r"\bhf_[A-Za-z0-9]{6,}",                                   # Hugging Face tokens
+    r"\bhf_[A-Za-z0-9]{30,}\b",                                # Hugging Face tokens (hf_ and 34 letters; not a path like hf_datasets)
     r"\b(AKIA|ASIA)[A-Z0-9]{16}\b",                            # AWS access keys
     r"\beyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]*",                      # JWTs (Azure AD tokens, ...)
     r"(AccountKey|SharedAccessKey|SharedAccessSignature|Password|Pwd)\s*=",  # connection strings
