@@ -230,7 +230,7 @@ class Packing:
 class Group(NamedTuple):
     seqs: torch.Tensor      # the group's sequences (rows of the batch)
     width: int              # its padded length
-    mask: torch.Tensor      # additive key mask, (sequences, 1, 1, width)
+    mask: torch.Tensor      # additive key mask, (sequences x heads, 1, width)
     position: torch.Tensor  # (sequences, width): each slot's position in the padded layout
 
 
@@ -271,7 +271,8 @@ class Groups:
             # and dropped as a query, so it adds nothing forward and receives a zero gradient
             index = torch.where(valid, first + slot, first)
             keys = valid & real[index]
-            mask = torch.zeros(keys.shape, dtype=dtype).masked_fill_(~keys, torch.finfo(dtype).min)[:, None, None, :]
+            mask = torch.zeros(keys.shape, dtype=dtype).masked_fill_(~keys, torch.finfo(dtype).min)
+            mask = mask[:, None, None, :].expand(len(seqs), heads, 1, width).reshape(-1, 1, width)  # baddbmm broadcasts it
             # where each slot sits in the padded (batch, length) layout: for the padded model's dropout masks
             position = pack.index.index_select(0, index.flatten()).view(index.shape) % pack.length
             self.groups.append(Group(seqs, width, mask, position))
@@ -316,7 +317,7 @@ class Groups:
 
 
 def _attention(q, k, v, mask, scaling: float, keep: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
-    """transformers' eager attention on (n, heads, tokens, head_size): the scaling and the mask
+    """transformers' eager attention on (n, heads, tokens, head_size), `mask` (n x heads, 1, keys): the scaling and the mask
     inside one batched matmul (one pass over the scores instead of three), softmax in fp32,
     dropout by `keep`, times V. Without dropout the softmax takes and gives the scores' dtype:
     torch computes a bf16 softmax in fp32 and rounds it once, the same probabilities as fp32
@@ -326,8 +327,8 @@ def _attention(q, k, v, mask, scaling: float, keep: torch.Tensor | None = None, 
     bf16 MiniLM-L6 at 0.71x this speed on the same Xeon, so it is not used."""
     n, heads, queries, head_size = q.shape
     width = k.shape[2]
-    scores = torch.baddbmm(mask.expand(n, heads, 1, width).reshape(n * heads, 1, width), q.reshape(n * heads, queries, head_size),
-                           k.reshape(n * heads, width, head_size).transpose(1, 2), alpha=scaling)
+    scores = torch.baddbmm(mask, q.reshape(n * heads, queries, head_size), k.reshape(n * heads, width, head_size).transpose(1, 2),
+                           alpha=scaling)
     if keep is None:  # bf16 scores: torch's softmax computes in fp32 and rounds once, what fp32-then-cast gives
         probs = torch.softmax(scores, dim=-1)
     else:  # the mask multiplies the fp32 probabilities, as transformers' eager attention does
