@@ -38,6 +38,7 @@ KINDS = {"aten::mm": "matmuls", "aten::addmm": "matmuls", "aten::bmm": "matmuls"
          "aten::bernoulli_": "dropout masks", "aten::_fused_adamw_": "optimizer and clipping",
          "aten::linalg_vector_norm": "optimizer and clipping"}
 ORDER = ["matmuls", "dropout masks", "optimizer and clipping", "other"]
+TOP_OTHER = 8  # the report names this many of the ops inside "other"
 
 
 def training_batches(data: Path, n: int, batch: int = 16, seed: int = 42) -> tuple[list[dict], object]:
@@ -87,17 +88,21 @@ def train_step(model, optimizer, inputs: dict, bf16: bool) -> float:
     return loss.item()
 
 
-def shares(model, optimizer, batches: list, bf16: bool) -> dict:
-    """Seconds of each kind of work over one round of `batches` (profiler self time)."""
+def shares(model, optimizer, batches: list, bf16: bool) -> tuple[dict, list]:
+    """Seconds of each kind of work over one round of `batches` (profiler self time), and the
+    ops inside "other", largest first: (op, seconds, calls)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for inputs in batches:
             train_step(model, optimizer, inputs, bf16)
-    out = dict.fromkeys(ORDER, 0.0)
+    out, other = dict.fromkeys(ORDER, 0.0), []
     for event in prof.key_averages():
-        out[KINDS.get(event.key, "other")] += event.self_cpu_time_total / 1e6
-    return out
+        kind = KINDS.get(event.key, "other")
+        out[kind] += event.self_cpu_time_total / 1e6
+        if kind == "other":
+            other.append((event.key, event.self_cpu_time_total / 1e6, event.count))
+    return out, sorted(other, key=lambda op: -op[1])[:TOP_OTHER]
 
 
 def measure(dtype: str, batches: list, cfg, task, rounds: int) -> dict:
@@ -124,7 +129,8 @@ def measure(dtype: str, batches: list, cfg, task, rounds: int) -> dict:
     res = {"real_tokens": real, "padded_tokens": padded_tokens, "steps": len(batches),
            "max_loss_diff": max(abs(a - b) for a, b in zip(losses["padded"], losses["unpadded"]))}
     for name, (model, opt) in models.items():
-        res[name] = {"step_s": sum(best[name]) / len(batches), "profile_s": shares(model, opt, batches, bf16)}
+        profile_s, other = shares(model, opt, batches, bf16)
+        res[name] = {"step_s": sum(best[name]) / len(batches), "profile_s": profile_s, "other_ops": other}
     t_pad, t_unpad = res["padded"]["step_s"], res["unpadded"]["step_s"]
     prof = res["padded"]["profile_s"]
     masks = prof["dropout masks"] / sum(prof.values()) * t_pad  # the draws' share of the padded step, in wall time
@@ -136,7 +142,8 @@ def measure(dtype: str, batches: list, cfg, task, rounds: int) -> dict:
 
 def render(res: dict) -> str:
     lines = [f"# Where a training step's time goes, {res['date']}", "",
-             f"Machine: {res['isa']}, {res['threads']} threads, torch {res['torch']}. Load average before/after: "
+             f"Machine: {res['isa']}, {res['threads']} threads, torch {res['torch']}, allocator {res.get('allocator', '?')}. "
+             f"Load average before/after: "
              f"{res['load_before']} / {res['load_after']}. Command: `{res['command']}`.", "",
              f"MiniLM-L6 on MRPC train, batch 16, {res['runs'][next(iter(res['runs']))]['steps']} batches in the "
              "Trainer's random order, one optimizer step each (autocast, backward, clipping, fused AdamW); wall time the best "
@@ -157,7 +164,23 @@ def render(res: dict) -> str:
         lines.append("")
         lines.append(f"{dtype}: {r['real_tokens']:,} real of {r['padded_tokens']:,} padded tokens "
                      f"({1 - r['real_tokens'] / r['padded_tokens']:.0%} padding).")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + other_table(res)) + "\n"
+
+
+def other_table(res: dict) -> list[str]:
+    """What "other" is made of: its largest ops by self time, as shares of the whole step, and
+    the non-matmul time (everything but matmuls and mask draws) against the matmul time."""
+    lines = ["", f"Inside \"other\": its {TOP_OTHER} largest ops by self time, each as a share of the step (calls per step).",
+             "Non-matmul / matmul: (optimizer and clipping + other) / matmuls.", "",
+             "| dtype | model | non-matmul / matmul | largest ops in \"other\" |", "|---|---|---:|---|"]
+    for dtype, r in res["runs"].items():
+        for name in ("padded", "unpadded"):
+            prof, total = r[name]["profile_s"], sum(r[name]["profile_s"].values())
+            ratio = (prof["optimizer and clipping"] + prof["other"]) / prof["matmuls"]
+            ops = ", ".join(f"{op.removeprefix('aten::')} {s / total:.0%} ({calls / r['steps']:.0f})"
+                            for op, s, calls in r[name].get("other_ops", []))
+            lines.append(f"| {dtype} | {name} | {ratio:.2f}x | {ops} |")
+    return lines
 
 
 def main(argv=None) -> None:
@@ -172,10 +195,11 @@ def main(argv=None) -> None:
     os.environ.update(ts.OFFLINE_ENV)
     import torch
 
-    from nlpwf.runtime import isa, threads
+    from nlpwf.runtime import allocator, isa, threads
 
     torch.set_num_threads(args.threads or threads.physical_cores())
-    res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "isa": isa.detect().summary(),
+    res = {"allocator": allocator.prepare(announce=False),  # as a training job sets it up (runtime.process)
+           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "isa": isa.detect().summary(),
            "threads": torch.get_num_threads(), "torch": torch.__version__,
            "command": "python benchmarks/step_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()), "runs": {}}

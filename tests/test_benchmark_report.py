@@ -106,3 +106,17 @@ def test_sections_not_run_are_carried_over_with_the_date_of_their_run(ts, tmp_pa
     md = ts.report.render_markdown(res)
     assert "From the earlier run of 2025-06-01 10:00 UTC (not re-run this time)." in md
     assert "| minilm_l6 | 22.7 M | 90 ms | 50 ms |" in md.splitlines()
+
+
+def test_step_profile_names_what_other_is_made_of(monkeypatch):
+    """step_profile's report: the non-matmul / matmul ratio and the largest ops inside "other",
+    from a result the test writes (no profiling here)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    step_profile = importlib.import_module("step_profile")
+    prof = {"matmuls": 2.0, "dropout masks": 0.5, "optimizer and clipping": 0.5, "other": 1.0}
+    run = {"step_s": 0.25, "profile_s": prof, "other_ops": [("aten::copy_", 0.6, 40), ("aten::fill_", 0.4, 8)]}
+    res = {"date": "today", "isa": "a CPU", "threads": 2, "torch": "2", "command": "c", "load_before": "0", "load_after": "0",
+           "runs": {"bf16": {"steps": 4, "real_tokens": 70, "padded_tokens": 100, "padded": run, "unpadded": run,
+                             "speedup": 1.0, "bound": 1.0, "max_loss_diff": 0.0}}}
+    md = step_profile.render(res)
+    assert "| bf16 | unpadded | 0.75x | copy_ 15% (10), fill_ 10% (2) |" in md

@@ -371,3 +371,11 @@ def test_ddp_training_with_and_without_unpad_gives_the_same_loss_trace(tmp_path)
     assert on["perf_unpad"] == POOLED and on["world_size"] == 2
     assert on["parameter_digests"][0] == on["parameter_digests"][1]
     assert max(abs(a - b) for a, b in zip(on_losses, off_losses)) < 1e-4
+
+
+def test_bf16_softmax_gives_the_fp32_softmax_rounded_once():
+    """What unpad's attention relies on without dropout: torch's bf16 softmax is the fp32 softmax
+    cast to bf16, so skipping the fp32 copy changes no probability."""
+    scores = (torch.randn(24, 16, 48, generator=torch.Generator().manual_seed(0)) * 6).to(torch.bfloat16)
+    scores[..., 40:] = torch.finfo(torch.bfloat16).min  # masked keys, as the attention mask adds them
+    assert torch.equal(torch.softmax(scores, dim=-1), torch.softmax(scores, dim=-1, dtype=torch.float32).to(torch.bfloat16))

@@ -46,7 +46,7 @@ from typing import NamedTuple
 
 import torch
 
-from nlpwf.training import bert_parts
+from nlpwf.training import bert_parts, row_ops
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def _embed(emb: bert_parts.Embeddings, pack: Packing, input_ids, token_type_ids,
 def _layer(layer: bert_parts.Layer, pack: Packing, x: torch.Tensor, groups: Groups, first_only: bool = False) -> torch.Tensor:
     """BertLayer.forward on packed tokens: attention on groups, the rest packed. `first_only`:
     the output of each sequence's first token alone, (batch, hidden)."""
-    first = x.index_select(0, pack.first) if first_only else None
+    first = row_ops.gather_rows(x, pack.first, row_ops.inverse_of(pack.first, len(x))) if first_only else None
     a = _self_attention(layer.attention, x, groups, first)
     h = _residual(layer.attention_output, a, x if first is None else first, pack, first_only)
     return _residual(layer.output, layer.intermediate(h), h, pack, first_only)
@@ -230,7 +230,6 @@ class Packing:
 class Group(NamedTuple):
     seqs: torch.Tensor      # the group's sequences (rows of the batch)
     width: int              # its padded length
-    index: torch.Tensor     # (sequences x width) packed token read into each slot
     mask: torch.Tensor      # additive key mask, (sequences x heads, 1, width)
     position: torch.Tensor  # (sequences, width): each slot's position in the padded layout
 
@@ -246,18 +245,23 @@ class Groups:
     an fp32 training step of MiniLM-L6 took 1/1.07 of its time with them (bf16: no change, its
     small matmuls cost about the same whatever their size). The maths stays the padded model's:
     padding keys are masked, padding queries are dropped, and neither the order nor the number
-    of masked keys changes a softmax. Built once per batch, used by every layer."""
+    of masked keys changes a softmax. Built once per batch, used by every layer.
+
+    The packed tokens go into the groups' slots in one gather (`slots`), and come back in one
+    (`back`), each differentiated as a gather (row_ops): every packed token sits in exactly one
+    valid slot, and a slot past a sequence's end, which reads its first token again, is masked as
+    a key and dropped as a query, so its gradient is exactly zero."""
 
     def __init__(self, pack: Packing, attention_mask: torch.Tensor, heads: int, dtype, size: int = GROUP):
         self.pack, self.heads = pack, heads
         real = attention_mask.flatten().index_select(0, pack.index) != 0  # rounding rows are padding: masked as keys
-        order = torch.argsort(pack.rows, descending=True, stable=True)
+        self.order = torch.argsort(pack.rows, descending=True, stable=True)
         # bf16 matmuls run in oneDNN, which builds a kernel for each new shape (see Packing): widths
         # rounded up to ROWS recur. fp32 ones do not (MKL), and there exact widths measured faster.
         step = 1 if dtype == torch.float32 else ROWS
-        self.groups, offset, back_rows, back_slots = [], 0, [], []
+        self.groups, slots, valids = [], [], []
         for start in range(0, pack.batch, size):
-            seqs = order[start:start + size]
+            seqs = self.order[start:start + size]
             rows = pack.rows.index_select(0, seqs)[:, None]
             width = -(-int(rows.max()) // step) * step
             slot = torch.arange(width)
@@ -271,39 +275,65 @@ class Groups:
             mask = mask[:, None, None, :].expand(len(seqs), heads, 1, width).reshape(-1, 1, width)  # baddbmm broadcasts it
             # where each slot sits in the padded (batch, length) layout: for the padded model's dropout masks
             position = pack.index.index_select(0, index.flatten()).view(index.shape) % pack.length
-            self.groups.append(Group(seqs, width, index.flatten(), mask, position))
-            back_rows.append(index[valid])
-            back_slots.append(offset + valid.flatten().nonzero().flatten())
-            offset += valid.numel()
-        # each packed token's row in the groups' outputs, concatenated; each sequence's row among the groups'
+            self.groups.append(Group(seqs, width, mask, position))
+            slots.append(index.flatten())
+            valids.append(valid.flatten())
+        self.slots = torch.cat(slots)  # the packed token read into each slot, group after group
+        self.sizes = [len(g.seqs) * g.width for g in self.groups]
+        valid = torch.cat(valids)
+        # each packed token's (valid) slot; each slot's packed token, or len(pack.index) where it holds none
         self.back = torch.empty(len(pack.index), dtype=torch.long)
-        self.back[torch.cat(back_rows)] = torch.cat(back_slots)
-        self.back_seqs = torch.empty_like(order)
-        self.back_seqs[order] = torch.arange(pack.batch)
+        self.back[self.slots[valid]] = valid.nonzero().flatten()
+        self.token_of = torch.where(valid, self.slots, len(pack.index))
+        self.back_seqs = torch.empty_like(self.order)
+        self.back_seqs[self.order] = torch.arange(pack.batch)
 
     def attend(self, stacked: torch.Tensor, att: bert_parts.Attention, first: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of packed (tokens, 3 x hidden) Q/K/V rows, as transformers' eager attention
-        computes it on the padded layout: scaled scores plus the mask, softmax in fp32, dropout
-        with the padded model's mask, times V. Returns (tokens, hidden). With `first`, the queries
-        of the sequences' first tokens alone, (batch, hidden) in batch order: then `stacked` holds
-        only K/V rows, and each sequence's output row is returned."""
+        computes it on the padded layout: scaled scores plus the mask, softmax, dropout with the
+        padded model's mask, times V. Returns (tokens, hidden). With `first`, the queries of the
+        sequences' first tokens alone, (batch, hidden) in batch order: then `stacked` holds only
+        K/V rows, and each sequence's output row is returned."""
         pack, heads, head_size, dropout = self.pack, self.heads, att.head_size, att.dropout
         keep = _bernoulli((pack.batch, heads, pack.length, pack.length), dropout.p) if _draws(dropout) else None
+        slots = row_ops.gather_rows(stacked, self.slots, self.back).split(self.sizes)
+        if first is not None:  # each group's first-token queries, as (sequences, heads, 1, head_size)
+            first = row_ops.gather_rows(first, self.order, self.back_seqs).view(pack.batch, 1, heads, head_size).transpose(1, 2)
+            first = first.split([len(g.seqs) for g in self.groups])
         outs = []
-        for seqs, width, index, mask, position in self.groups:
+        for i, (seqs, width, mask, position) in enumerate(self.groups):
             n = len(seqs)
-            x = stacked.index_select(0, index).view(n, width, -1, heads, head_size).permute(2, 0, 3, 1, 4)
-            *q, k, v = (t.reshape(n * heads, width, head_size) for t in x.unbind(0))
-            q = q[0] if first is None else first.index_select(0, seqs).view(n * heads, 1, head_size)
-            # the scaling and the mask inside the matmul: one pass over the scores instead of three
-            probs = torch.softmax(torch.baddbmm(mask, q, k.transpose(1, 2), alpha=att.scaling), dim=-1, dtype=torch.float32)
+            *q, k, v = slots[i].view(n, width, -1, heads, head_size).transpose(1, 3).unbind(2)  # each (n, heads, width, head_size)
+            q = q[0] if first is None else first[i]
+            cut = None
             if keep is not None:  # the mask's rows at the queries' padded positions (a first token's is 0)
                 rows = position[:, None, :, None] if first is None else 0
                 cut = keep[seqs[:, None, None, None], torch.arange(heads)[None, :, None, None], rows, position[:, None, None, :]]
-                probs = _apply_mask(probs, cut.reshape(probs.shape), dropout.p)
-            out = torch.bmm(probs.to(v.dtype), v)
-            outs.append(out.view(n, heads, -1, head_size).transpose(1, 2).reshape(-1, heads * head_size))
-        return torch.cat(outs).index_select(0, self.back if first is None else self.back_seqs)
+            outs.append(_attention(q, k, v, mask, att.scaling, cut, dropout.p).transpose(1, 2).reshape(-1, heads * head_size))
+        out = torch.cat(outs)
+        if first is None:
+            return row_ops.gather_rows(out, self.back, self.token_of)
+        return row_ops.gather_rows(out, self.back_seqs, self.order)
+
+
+def _attention(q, k, v, mask, scaling: float, keep: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
+    """transformers' eager attention on (n, heads, tokens, head_size), `mask` (n x heads, 1, keys): the scaling and the mask
+    inside one batched matmul (one pass over the scores instead of three), softmax in fp32,
+    dropout by `keep`, times V. Without dropout the softmax takes and gives the scores' dtype:
+    torch computes a bf16 softmax in fp32 and rounds it once, the same probabilities as fp32
+    then a cast, in one pass instead of two, and its backward rounds the probabilities it reads
+    to bf16 (a bf16 step of MiniLM-L6 took about 1/1.08 of its time, Intel Xeon with AMX).
+    torch's fused attention (scaled_dot_product_attention's flash kernel, dropout off) trained
+    bf16 MiniLM-L6 at 0.71x this speed on the same Xeon, so it is not used."""
+    n, heads, queries, head_size = q.shape
+    width = k.shape[2]
+    scores = torch.baddbmm(mask, q.reshape(n * heads, queries, head_size), k.reshape(n * heads, width, head_size).transpose(1, 2),
+                           alpha=scaling)
+    if keep is None:  # bf16 scores: torch's softmax computes in fp32 and rounds once, what fp32-then-cast gives
+        probs = torch.softmax(scores, dim=-1)
+    else:  # the mask multiplies the fp32 probabilities, as transformers' eager attention does
+        probs = _apply_mask(torch.softmax(scores, dim=-1, dtype=torch.float32), keep.reshape(scores.shape), p)
+    return torch.bmm(probs.to(v.dtype), v.reshape(n * heads, width, head_size)).view(n, heads, queries, head_size)
 
 
 def _dropout(x: torch.Tensor, module: torch.nn.Dropout, pack: Packing, first_only: bool = False) -> torch.Tensor:
