@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from nlpwf import stages
+from nlpwf.data.splits import load_splits
 from nlpwf.inference import scoring, server
 from nlpwf.inference.load import load_classifier
 
@@ -31,9 +32,11 @@ READY = re.compile(r"serving (http://127\.0\.0\.1:\d+)/score +\(model (\S+), pre
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A job dir with model/: a tiny random BERT saved as training saves it."""
+    """A job dir with model/ as the quickstart leaves it (its task's label names in config.json), a
+    tiny random BERT in place of the training."""
     job = tmp_path_factory.mktemp("quickstart") / "job"
-    save_tiny_model(job / "model")
+    task, _ = load_splits(compose("experiment=quickstart", *TINY).dataset)
+    save_tiny_model(job / "model", **task.model_config())
     return job
 
 
