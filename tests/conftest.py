@@ -173,12 +173,13 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 # ---- a tiny saved model (serving stage tests) -----------------------------------------------
 
-def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+def save_tiny_model(folder: Path, seed: int = 0, **head) -> Path:
+    """A tiny random BERT saved as training saves it; `head`: a task's head (data.tasks.Task.model_config)."""
     # BERT's default init (std 0.02) gives a random model near-constant logits; a wider one
     # makes its outputs, and so its labels, depend on the input as a trained model's do.
     cfg = compose("model=tiny_bert", "+model.config.initializer_range=0.5").model
     torch.manual_seed(seed)
-    model = models.load_model(cfg)
+    model = models.load_model(cfg, **head)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder))
     models.load_tokenizer(cfg).save_pretrained(str(folder))

@@ -57,6 +57,10 @@ class EmulatedWorkingDirs:
         return self.tmpdir / job_dir / job.AZURE_DIR / emulate.SCRATCH_DIR / "node-0" / remote.LOCAL_RUNS / "rank-0"
 
 
+# Each case starts an app process that starts the emulated job's processes: end to end, slow.
+# The launcher's own logic is in the suites above, run in this process (only the emulated job's
+# task runs in another).
+@mark.slow
 @mark.parametrize("task_launcher_cfg, extra_flags", [({}, ["-m", f"hydra/launcher={LAUNCHER}", *OVERRIDES])])
 class TestAzureMLLauncherIntegration(IntegrationTestSuite):
     @fixture(autouse=True)

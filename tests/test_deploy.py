@@ -14,6 +14,7 @@ import yaml
 from azure.ai.ml import load_online_deployment, load_online_endpoint
 from omegaconf import OmegaConf
 
+from nlpwf import stages
 from nlpwf.azureml import deploy, endpoint, workspace
 from nlpwf.errors import JobFailed, UserError
 from nlpwf.stages.serve import settings
@@ -27,10 +28,13 @@ SCORING_URI = "https://nlpwf-endpoint.westeurope.inference.ml.azure.com/score"
 KEY = "primary-key-never-printed"
 
 
-def test_dry_run_writes_yaml_the_sdk_loads_with_no_workspace(tmp_path):
+def test_dry_run_writes_yaml_the_sdk_loads_with_no_workspace(tmp_path, monkeypatch):
+    # In-process, as the CLI runs it (the config checks, then the stage); from a folder with no config.json.
+    monkeypatch.chdir(tmp_path)
     job = tmp_path / "job"
-    proc = run_cli("stage=deploy", "stage.model=azureml:my-bert:3", "stage.dry_run=true", f"hydra.run.dir={job}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    job.mkdir()
+    result = stages.run(compose("stage=deploy", "stage.model=azureml:my-bert:3", "stage.dry_run=true"), job)
+    assert result["deployment_yaml"] == str(job / "azureml" / "deployment.yaml")
     azure = job / "azureml"
     ep = load_online_endpoint(str(azure / "endpoint.yaml"))
     dep = load_online_deployment(str(azure / "deployment.yaml"))

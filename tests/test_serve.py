@@ -1,7 +1,9 @@
 """stage=serve: a trained job's model/ (and a quantize job's model_int8/) answered over HTTP by Azure
 ML's real inference server (azmlinfsrv, in .venv-serve) with nlpwf's scoring script, on a free
-localhost port. One tiny training, one fp32 server shared by the request tests, one INT8 server
-that is also the one stopped with SIGTERM mid-request."""
+localhost port. One tiny saved model standing for a training job's model/ (the training itself is
+tests/test_train.py's), one fp32 server shared by the request tests, one INT8 server that is also
+the one stopped with SIGTERM mid-request. The servers are processes of their own (the server's
+own venv); the model and its INT8 copy are made in this process."""
 from __future__ import annotations
 
 import json
@@ -15,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nlpwf import stages
+from nlpwf.data.splits import load_splits
 from nlpwf.inference import scoring, server
 from nlpwf.inference.load import load_classifier
 
-from conftest import TINY, run_cli, start_cli, wait_for
+from conftest import TINY, compose, save_tiny_model, start_cli, wait_for
 
 PAIRS = [("The company said its profit rose .", "Profit at the company went up ."),
          ("Shares fell sharply on Monday .", "The market closed higher ."),
@@ -28,10 +32,11 @@ READY = re.compile(r"serving (http://127\.0\.0\.1:\d+)/score +\(model (\S+), pre
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """The README's quickstart, on the tiny model: a job dir with model/."""
+    """A job dir with model/ as the quickstart leaves it (its task's label names in config.json), a
+    tiny random BERT in place of the training."""
     job = tmp_path_factory.mktemp("quickstart") / "job"
-    proc = run_cli("experiment=quickstart", *TINY, f"hydra.run.dir={job}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    task, _ = load_splits(compose("experiment=quickstart", *TINY).dataset)
+    save_tiny_model(job / "model", **task.model_config())
     return job
 
 
@@ -136,9 +141,9 @@ def slow_request(url: str, body: bytes, sent: threading.Event, answer: list) -> 
 
 def test_the_int8_folder_is_served_the_same_way_and_sigterm_drains_it(trained, tmp_path):
     quantized = tmp_path / "quantize"
-    proc = run_cli(f"stage.model_path={trained / 'model'}", "stage=quantize", "stage.backend=torch_dynamic",
-                   "stage.tolerance=100", *TINY[1:3], f"hydra.run.dir={quantized}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    quantized.mkdir()
+    stages.run(compose(f"stage.model_path={trained / 'model'}", "stage=quantize", "stage.backend=torch_dynamic",
+                       "stage.tolerance=100", *TINY[1:3]), quantized)
     log = tmp_path / "serve.log"
     serving, url, (_, model, precision, backend) = serve(quantized / "model_int8", log)
     assert (Path(model).name, precision, backend) == ("model_int8", "int8", "torch_dynamic")

@@ -110,8 +110,11 @@ def test_bad_row_midway_leaves_no_output_and_no_temp_file(model, tmp_path):
     assert sorted(p.name for p in job.iterdir()) == []  # 3 chunks were written, then removed
 
 
-@pytest.mark.parametrize("case", ["not_a_model", "missing_columns", "empty_file"])
-def test_bad_input_is_one_line_exit_2_and_no_output(model, tmp_path, case):
+BAD_PREDICT_INPUT = {"not_a_model": "is not a saved model (no config.json)", "missing_columns": "has no column 'sentence1' or '#1 String'",
+                     "empty_file": "is empty"}
+
+
+def _bad_predict_input(model: Path, tmp_path: Path, case: str) -> tuple[Path, Path]:
     source = _write(tmp_path / "in.csv", _rows(4))
     model_path = model
     if case == "not_a_model":
@@ -122,14 +125,27 @@ def test_bad_input_is_one_line_exit_2_and_no_output(model, tmp_path, case):
         _write(source, [{"id": "1", "text": "a", "other": "b"}])
     else:
         source.write_text("")
+    return model_path, source
+
+
+@pytest.mark.parametrize("case", list(BAD_PREDICT_INPUT))
+def test_bad_input_is_one_line_and_no_output(model, tmp_path, case):
+    model_path, source = _bad_predict_input(model, tmp_path, case)
+    job = _job(tmp_path)
+    with pytest.raises(UserError) as e:
+        predict.run(compose("stage=predict", f"stage.model_path={model_path}", f"stage.input={source}"), job)
+    assert BAD_PREDICT_INPUT[case] in str(e.value) and "\n" not in str(e.value) and e.value.exit_code == 2
+    assert not [p for p in job.iterdir() if "prediction" in p.name]
+
+
+def test_bad_input_through_the_cli_is_exit_2_and_one_line(model, tmp_path):
+    model_path, source = _bad_predict_input(model, tmp_path, "not_a_model")
     job = tmp_path / "job"
     proc = run_cli("stage=predict", f"stage.model_path={model_path}", f"stage.input={source}", f"hydra.run.dir={job}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("nlpwf: error:")]
     assert len(errors) == 1
-    expected = {"not_a_model": "is not a saved model (no config.json)", "missing_columns": "has no column 'sentence1' or '#1 String'",
-                "empty_file": "is empty"}[case]
-    assert expected in errors[0]
+    assert BAD_PREDICT_INPUT["not_a_model"] in errors[0]
     assert not [p for p in job.iterdir() if "prediction" in p.name]
 
 

@@ -16,6 +16,7 @@ from nlpwf.data.splits import load_splits
 from nlpwf.data.tasks import Task, relabel
 from nlpwf.errors import UserError
 from nlpwf.results import metrics, summary
+from nlpwf.stages import train as train_stage
 from nlpwf.training.trainer import check_objective
 
 from conftest import assert_one_line_error, compose, pairs, run_cli
@@ -381,20 +382,22 @@ def test_bad_input_cases_name_the_problem_and_the_fix(tmp_path):
 FAST = ["model=tiny_bert", "training.num_train_epochs=1", "training.disable_tqdm=true"]
 
 
-# Every message is checked in-process above; through the CLI (a process start each, seconds of
-# imports), one case for each place a check runs: the file reader, the comparison of the
-# splits, the GLUE folder reader and the task's objective.
-@pytest.mark.parametrize("case", ["missing_column", "unseen_label", "wrong_glue_folder", "objective"])
-def test_bad_input_through_the_cli_is_one_line_and_writes_nothing(tmp_path, case):
+# One case for each place a check runs, on the train stage's own preflight (what the CLI runs
+# before any model loads): the file reader, the comparison of the splits, the GLUE folder reader
+# and the task's objective. Through the CLI (a process start, seconds of imports), the first,
+# for the contract: one line, exit 2, nothing written in the job dir.
+BAD_INPUT = {
+    "missing_column": ("has no column 'body'", "'id', 'review', 'label'"),
+    "unseen_label": ("never appears in the train split",),
+    "wrong_glue_folder": ("laid out as GLUE's SST-2", "use dataset=sst2"),
+    "objective": ("objective=eval_accuracy is not a metric of this score (regression) task", "dataset.objective=eval_spearmanr"),
+}
+
+
+def bad_input_args(tmp_path: Path, case: str) -> list[str]:
     train = write_table(tmp_path / "train.csv", reviews(12, kind="mood"))
     dev = write_table(tmp_path / "dev.csv", reviews(6, start=40, kind="mood"))
     args = ["dataset=files", f"dataset.train_file={train}", f"dataset.eval_file={dev}", "dataset.text_columns=[review]"]
-    expected = {
-        "missing_column": ("has no column 'body'", "'id', 'review', 'label'"),
-        "unseen_label": ("never appears in the train split",),
-        "wrong_glue_folder": ("laid out as GLUE's SST-2", "use dataset=sst2"),
-        "objective": ("objective=eval_accuracy is not a metric of this score (regression) task", "dataset.objective=eval_spearmanr"),
-    }[case]
     if case == "missing_column":
         args.append("dataset.text_columns=[body]")
     elif case == "unseen_label":
@@ -404,9 +407,22 @@ def test_bad_input_through_the_cli_is_one_line_and_writes_nothing(tmp_path, case
     elif case == "objective":
         write_table(train, reviews(12, kind="score"))
         write_table(dev, reviews(6, start=40, kind="score"))
+    return [*FAST, *args]
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_refused_by_the_stages_preflight_in_one_line(tmp_path, case):
+    with pytest.raises(UserError) as e:
+        train_stage.preflight(compose(*bad_input_args(tmp_path, case)))
+    assert "\n" not in str(e.value)
+    for fragment in BAD_INPUT[case]:
+        assert fragment in str(e.value), str(e.value)
+
+
+def test_bad_input_through_the_cli_is_one_line_and_writes_nothing(tmp_path):
     job = tmp_path / "job"
-    proc = run_cli(*FAST, *args, f"hydra.run.dir={job}")
-    assert_one_line_error(proc, *expected)
+    proc = run_cli(*bad_input_args(tmp_path, "missing_column"), f"hydra.run.dir={job}")
+    assert_one_line_error(proc, *BAD_INPUT["missing_column"])
     assert not [p for p in job.iterdir() if p.name not in (".hydra", "nlpwf.log")]
 
 
