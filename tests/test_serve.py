@@ -22,7 +22,7 @@ from nlpwf.data.splits import load_splits
 from nlpwf.inference import scoring, server
 from nlpwf.inference.load import load_classifier
 
-from conftest import TINY, compose, save_tiny_model, start_cli, wait_for
+from conftest import TINY, compose, run_cli, save_tiny_model, start_cli, wait_for
 
 PAIRS = [("The company said its profit rose .", "Profit at the company went up ."),
          ("Shares fell sharply on Monday .", "The market closed higher ."),
@@ -162,3 +162,26 @@ def test_the_int8_folder_is_served_the_same_way_and_sigterm_drains_it(trained, t
     assert answer and answer[0].startswith(b"HTTP/1.1 200"), answer
     assert len(json.loads(answer[0].split(b"\r\n\r\n", 1)[1])["predictions"]) == 1
     assert "every request it had accepted was answered" in log.read_text()
+
+
+@pytest.mark.slow
+def test_the_readmes_quickstart_then_serve_answers_three_pairs(tmp_path):
+    """The chain a user follows, all through the CLI: `experiment=quickstart` trains (on the tiny
+    model), `stage=serve` on its model/ answers three pairs, refuses a bad request with one line and
+    answers the next, and SIGTERM ends it with exit 0."""
+    job = tmp_path / "job"
+    proc = run_cli("experiment=quickstart", *TINY, f"hydra.run.dir={job}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (tmp_path / "serve").mkdir()
+    serving, url, (_, model, precision, _) = serve(job / "model", tmp_path / "serve" / "serve.log")
+    assert Path(model) == (job / "model").resolve() and precision == "fp32"
+    status, body, _ = post(url, {"inputs": [{"text": a, "text_pair": b} for a, b in PAIRS]})
+    assert status == 200, body
+    names = json.loads((job / "model" / "config.json").read_text())["id2label"].values()
+    assert all(p["label"] in names and set(p["probabilities"]) == set(names) for p in body["predictions"])
+    assert len(body["predictions"]) == 3
+    status, answer, raw = post(url, b"{")
+    assert status == 400 and raw.count(b"\n") == 0
+    assert post(url, {"inputs": [{"text": "a", "text_pair": "b"}]})[0] == 200
+    serving.send_signal(signal.SIGTERM)
+    assert serving.wait(timeout=120) == 0
