@@ -130,6 +130,7 @@ def test_missing_cluster_is_created_with_the_options_vm_size(option):
     assert (cluster.min_instances, cluster.max_instances) == (0, 4)
 
 
+@pytest.mark.slow  # a CLI dry run; the size table is checked in-process above
 def test_dry_run_on_the_amd_size(tmp_path):
     """`python -m nlpwf compute=d32as_v6 nodes=2 precision=bf16 hydra.launcher.dry_run=true`: the
     job goes to the Genoa cluster, 2 processes per node with 8 OpenMP threads each (16 cores / 2),

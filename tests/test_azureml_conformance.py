@@ -41,6 +41,7 @@ class TestAzureMLLauncher(LauncherTestSuite):
     pass
 
 
+@mark.slow  # an emulated job per point, as the suite above does
 @mark.parametrize("launcher_name, overrides", [(LAUNCHER, [*OVERRIDES, "hydra.sweeper.max_batch_size=2"])])
 class TestAzureMLLauncherBatched(BatchedSweeperTestSuite):
     pass

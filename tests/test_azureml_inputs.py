@@ -100,6 +100,7 @@ def test_dry_run_declares_the_data_folder_as_an_input(two_points):
         "${{inputs.dataset_data_dir}}"
 
 
+@pytest.mark.slow  # one more CLI dry run for one field
 def test_download_mode_is_selectable(tmp_path):
     data = tmp_path / "d"
     data.mkdir()

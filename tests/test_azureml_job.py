@@ -262,6 +262,7 @@ def python_ctrl_c():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.slow  # a real SIGINT, watched for seconds
 def test_ctrl_c_stops_watching_promptly_and_leaves_the_jobs_running(dry_run, tmp_path, capsys, python_ctrl_c):
     import os
     import signal

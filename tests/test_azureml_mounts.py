@@ -31,7 +31,7 @@ def test_a_node_sees_another_nodes_files_late_and_storage_at_once(tmp_path):
     store = tmp_path / "store"
     (store / "old").mkdir(parents=True)
     (store / "old" / "a.bin").write_text("written by an earlier job")
-    syncer = mountview.Syncer({"out": store}, tmp_path / "scratch", nodes=2, delay_s=3.0)
+    syncer = mountview.Syncer({"out": store}, tmp_path / "scratch", nodes=2, delay_s=1.0)
     v0, v1 = syncer.outputs["out"].views
     syncer.start()
     try:

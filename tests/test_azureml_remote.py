@@ -35,6 +35,7 @@ def sweep_of(hydra_sweep_runner, hydra_restore_singletons, tmp_path):
     return make
 
 
+@pytest.mark.slow  # an emulated job
 def test_the_task_runs_in_the_emulated_job_not_in_the_launcher(sweep_of):
     def task(cfg):
         from hydra.core.hydra_config import HydraConfig

@@ -154,6 +154,7 @@ def test_the_images_own_settings_pass():
     check("hydra.launcher.dry_run=true", "logger=none", "training.torch_compile=false")
 
 
+@pytest.mark.slow  # the CLI contract, a process start
 def test_cli_refuses_wandb_on_azure_in_one_line_and_writes_no_job(tmp_path):
     r = run_cli("compute=d32_v5", "logger=wandb", "hydra.launcher.dry_run=true", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                 cwd=tmp_path)

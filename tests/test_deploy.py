@@ -20,7 +20,7 @@ from nlpwf.errors import JobFailed, UserError
 from nlpwf.stages.serve import settings
 from tests.test_azureml_job import FAKE_WS, FakeCredential, RecordingTransport
 
-from conftest import assert_one_line_error, compose, run_cli, save_tiny_model
+from conftest import compose, run_cli, save_tiny_model
 
 PREFIX = (f"/subscriptions/{FAKE_WS['subscription_id']}/resourceGroups/{FAKE_WS['resource_group']}"
           f"/providers/Microsoft.MachineLearningServices/workspaces/{FAKE_WS['workspace_name']}")
@@ -60,8 +60,9 @@ def test_an_inc_int8_model_is_refused_a_size_whose_hosts_may_lack_vnni():
 
 
 def test_a_bad_model_reference_is_one_line(tmp_path):
-    proc = run_cli("stage=deploy", "stage.model=azureml:my-bert", "stage.dry_run=true", cwd=tmp_path)
-    assert_one_line_error(proc, "azureml:NAME:VERSION")
+    with pytest.raises(UserError, match="azureml:NAME:VERSION") as e:
+        stages.run(compose("stage=deploy", "stage.model=azureml:my-bert", "stage.dry_run=true"), tmp_path)
+    assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
 
 
 class EndpointTransport(RecordingTransport):
@@ -163,6 +164,7 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.mark.slow  # an emulated deployment: a server process
 def test_the_emulated_deployment_answers_the_smoke_request(tiny_model, tmp_path):
     job = tmp_path / "job"
     proc = run_cli("stage=deploy", f"stage.model={tiny_model}", "stage.emulate=true", "stage.port=0",
@@ -177,6 +179,7 @@ def test_the_emulated_deployment_answers_the_smoke_request(tiny_model, tmp_path)
     assert f"Model Directory: {app / 'azureml-models' / 'nlpwf-endpoint-model' / '1'}" in log
 
 
+@pytest.mark.slow  # starts the emulated server each time
 @pytest.mark.parametrize("breakage, expected", [
     ("script", "No such file or directory"),     # the scoring script is not where the deployment says
     ("layout", "should hold one saved model"),    # the registered folder holds no model

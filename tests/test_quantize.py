@@ -42,6 +42,7 @@ def _correlation(a, b) -> float:
     return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
 
 
+@pytest.mark.slow  # three INC exports
 def test_inc_static_without_calibration_outputs_a_constant_and_nlpwf_refuses(tiny):
     from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
 
@@ -70,7 +71,7 @@ def test_inc_static_without_calibration_outputs_a_constant_and_nlpwf_refuses(tin
     assert (calibrated.argmax(1) == fp32.argmax(1)).mean() >= 0.8
 
 
-@pytest.mark.parametrize("backend", ["inc_static", "torch_dynamic"])
+@pytest.mark.parametrize("backend", [pytest.param("inc_static", marks=pytest.mark.slow), "torch_dynamic"])  # an INC export: slow
 def test_quantized_model_saves_and_loads_back_with_identical_predictions(tiny, tmp_path, backend):
     folder, classifier, calibration, probe = tiny
     qmodel = int8.quantize(load_fp32(folder), backend, calibration)
@@ -139,6 +140,7 @@ def test_quantize_stage_publishes_a_model_that_evaluate_and_predict_serve(tmp_pa
     assert evaluate.run(ev, ev_job)["eval_accuracy"] == result["eval_accuracy"]
 
 
+@pytest.mark.slow  # up to five INC trials
 def test_inc_tuning_returns_the_best_trial_and_stops_at_the_tolerance(tiny):
     folder, classifier, calibration, probe = tiny
     s1, s2 = probe

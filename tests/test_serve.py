@@ -139,6 +139,7 @@ def slow_request(url: str, body: bytes, sent: threading.Event, answer: list) -> 
         answer.append(b"".join(iter(lambda: s.recv(65536), b"")))
 
 
+@pytest.mark.slow  # a quantize stage and a second server
 def test_the_int8_folder_is_served_the_same_way_and_sigterm_drains_it(trained, tmp_path):
     quantized = tmp_path / "quantize"
     quantized.mkdir()

@@ -138,6 +138,7 @@ def test_bad_input_is_one_line_and_no_output(model, tmp_path, case):
     assert not [p for p in job.iterdir() if "prediction" in p.name]
 
 
+@pytest.mark.slow  # the CLI contract; the messages are checked in-process above
 def test_bad_input_through_the_cli_is_exit_2_and_one_line(model, tmp_path):
     model_path, source = _bad_predict_input(model, tmp_path, "not_a_model")
     job = tmp_path / "job"
@@ -176,6 +177,7 @@ def test_evaluate_without_model_path_says_where_models_are(tmp_path):
         evaluate.run(compose("stage=evaluate", "dataset.max_eval_samples=4"), _job(tmp_path))
 
 
+@pytest.mark.slow  # times three backends
 def test_benchmark_times_every_backend_at_every_batch_size_and_writes_a_table(model, tmp_path):
     job = _job(tmp_path)
     cfg = compose("stage=benchmark", f"stage.model_path={model}", "stage.backends=[fp32,bf16,torch_dynamic]",

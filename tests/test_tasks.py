@@ -330,6 +330,7 @@ def test_the_shipped_topic_sample_is_a_five_class_single_text_task():
     assert counts.min() > 60
 
 
+@pytest.mark.slow  # writes and reads 200,000 rows
 def test_a_large_file_is_memory_mapped_not_held_in_python(tmp_path):
     import tracemalloc
 
@@ -419,6 +420,7 @@ def test_bad_input_is_refused_by_the_stages_preflight_in_one_line(tmp_path, case
         assert fragment in str(e.value), str(e.value)
 
 
+@pytest.mark.slow  # the CLI contract; the messages are checked in-process above
 def test_bad_input_through_the_cli_is_one_line_and_writes_nothing(tmp_path):
     job = tmp_path / "job"
     proc = run_cli(*bad_input_args(tmp_path, "missing_column"), f"hydra.run.dir={job}")

@@ -48,8 +48,7 @@ def run(cfg: DictConfig, job_dir: Path) -> dict:
                         "(0 to 100) and a deployment needs 1 instance or more")
     if stage.dry_run and stage.emulate:
         raise UserError("stage.dry_run=true and stage.emulate=true: choose one (the dry run starts nothing)")
-    azure_dir = Path(job_dir) / endpoint.AZURE_DIR
-    azure_dir.mkdir(parents=True, exist_ok=True)
+    azure_dir = Path(job_dir) / endpoint.AZURE_DIR  # made by build(), once the stage's settings are checked
     chosen = serve_settings(cfg)
     built_endpoint, built_deployment, ref = endpoint.build(stage, chosen, azure_dir)
     paths = endpoint.write(built_endpoint, built_deployment, azure_dir)

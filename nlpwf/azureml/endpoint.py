@@ -127,6 +127,7 @@ def build(stage: DictConfig, settings: scoring.Settings, azure_dir: Path) -> tup
         raise UserError(f"stage.endpoint={stage.endpoint}: 3 to 32 letters, digits and '-', starting with a letter")
     ref = model_ref(stage)
     instance_type = choose_instance_type(stage, ref.backend)
+    azure_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused stage leaves the job dir as it was
     snapshot.build(azure_dir / CODE_DIR)
     model = (Model(path=str(ref.folder), name=ref.name, type=AssetTypes.CUSTOM_MODEL, tags={BACKEND_TAG: ref.backend})
              if ref.folder else ref.registered)
