@@ -93,8 +93,8 @@ def test_a_config_error_through_the_cli(tmp_path):
     assert_one_line_error(proc, "nodes=0", "at least one node")
 
 
-@pytest.mark.slow  # a process start: the Hub's variables are read at import
 # With the offline variables set, in-process: tests/test_data.py::test_hub_offline_fails_fast_with_advice.
+@pytest.mark.slow  # a process start: the Hub's variables are read at import
 def test_hub_unreachable_fails_fast_with_advice():
     start = time.monotonic()
     proc = run_cli(*TINY, "dataset=mrpc", env={"HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", "TRANSFORMERS_OFFLINE": "",
