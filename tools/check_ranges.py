@@ -3,6 +3,7 @@
     python tools/check_ranges.py                          # the oldest pair, then the newest pair
     python tools/check_ranges.py --pair 2.13.0 5.0.0      # one pair: torch, transformers
     python tools/check_ranges.py --newest-torch 2.14.1    # where pip caps torch below the range's newest
+    python tools/check_ranges.py --pair 2.6.0 5.2.0 --user-install   # the package alone, as a user installs it
 
 For each pair: a throwaway venv; torch and transformers installed first, as a user's own stack
 would be; then nlpwf the README's way (`pip install -e '.[dev]' -e ./launchers`), checking that
@@ -10,7 +11,11 @@ it changed neither and downgraded nothing else; then the unpadding tests (tests/
 padded and unpadded steps equal, and the same tiny trainings, single process and DDP, with and
 without unpadding). The ends are the oldest and newest releases on the index that the declared
 specifiers admit; a torch newer than this machine's pip allows (a CUDA build of several GB) is
-named with --newest-torch. Prints one line per pair and exits 1 if any failed. Each venv holds a
+named with --newest-torch. `--user-install` installs the package as a user does
+(`pip install -e . -e ./launchers`, plus pytest) instead of the dev extra: at torch's oldest end
+the dev extra cannot install, because neural-compressor[pt] pulls the newest torchao, which needs
+a newer torch (pip cannot bound it by the torch installed). Prints one line per pair and exits 1
+if any failed. Each venv holds a
 full torch (2-6 GB) and is deleted afterwards unless --keep.
 """
 from __future__ import annotations
@@ -74,7 +79,7 @@ def installed(python: Path) -> dict[str, str]:
     return {p["name"].lower(): p["version"] for p in json.loads(out)}
 
 
-def check_pair(torch_version: str, transformers_version: str, work: Path) -> str:
+def check_pair(torch_version: str, transformers_version: str, work: Path, user_install: bool = False) -> str:
     """Install the pair, then nlpwf, then run the tests; one line saying what happened."""
     venv = work / f"torch{torch_version}-transformers{transformers_version}"
     log = work / f"{venv.name}.log"
@@ -89,7 +94,8 @@ def check_pair(torch_version: str, transformers_version: str, work: Path) -> str
         run(pip + [f"torch=={torch_version}", f"transformers=={transformers_version}"], log=log)
         before = installed(python)
         step = "install nlpwf"
-        run(pip + ["-e", ".[dev]", "-e", "./launchers"], log=log)
+        package = ["-e", ".", "-e", "./launchers", "pytest", "pytest-xdist"] if user_install else ["-e", ".[dev]", "-e", "./launchers"]
+        run(pip + package, log=log)
         after = installed(python)
         changed = [f"{name} {before[name]} -> {after.get(name)}" for name in PACKAGES if after.get(name) != before[name]]
         changed += [f"{name} {v} -> {after.get(name)}" for name, v in before.items() if name not in PACKAGES
@@ -103,7 +109,8 @@ def check_pair(torch_version: str, transformers_version: str, work: Path) -> str
         tail = "\n    ".join(log.read_text().strip().splitlines()[-15:])
         return f"FAIL torch {torch_version}, transformers {transformers_version}: {step} failed (log {log}):\n    {tail}"
     minutes = (time.monotonic() - started) / 60
-    return (f"ok   torch {after['torch']}, transformers {after['transformers']}: nothing changed by installing nlpwf; "
+    how = "nlpwf (package only)" if user_install else "nlpwf[dev]"
+    return (f"ok   torch {after['torch']}, transformers {after['transformers']}: nothing changed by installing {how}; "
             f"tests/test_unpad.py: {summary} ({minutes:.0f} min in all)")
 
 
@@ -113,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--newest-torch", help="the newest torch to check, where pip here caps it below the range's newest")
     p.add_argument("--work", type=Path, help="where the venvs and logs go (default: a new temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the venvs")
+    p.add_argument("--user-install", action="store_true", help="install the package and pytest, not the dev extra")
     args = p.parse_args(argv)
     pairs = args.pair
     if not pairs:
@@ -125,7 +133,7 @@ def main(argv=None) -> int:
     results = []
     for torch_version, transformers_version in pairs:
         print(f"torch {torch_version}, transformers {transformers_version} ...", flush=True)
-        results.append(check_pair(torch_version, transformers_version, work))
+        results.append(check_pair(torch_version, transformers_version, work, args.user_install))
         print(results[-1], flush=True)
         if not args.keep:
             shutil.rmtree(work / f"torch{torch_version}-transformers{transformers_version}", ignore_errors=True)
