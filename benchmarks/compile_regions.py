@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -63,8 +64,8 @@ def regions():
         scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=(HIDDEN // HEADS) ** -0.5)
         return torch.bmm(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
-    def tokens(n, dtype, width=None):  # (activation in the matmuls' dtype, fp32 residual stream)
-        return (torch.randn(n, width or HIDDEN, dtype=dtype, requires_grad=True), torch.randn(n, HIDDEN, requires_grad=True))
+    def tokens(n, dtype):  # (attention output in the matmuls' dtype, fp32 residual stream)
+        return (torch.randn(n, HIDDEN, dtype=dtype, requires_grad=True), torch.randn(n, HIDDEN, requires_grad=True))
 
     def heads(n, dtype):
         width = WIDTHS[n % len(WIDTHS)]
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
     load = lambda: " ".join(f"{x:.1f}" for x in os.getloadavg())  # noqa: E731
     res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "isa": isa.detect().summary(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "load_before": load(),
-           "command": "python benchmarks/compile_regions.py " + " ".join(argv if argv is not None else os.sys.argv[1:])}
+           "command": "python benchmarks/compile_regions.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     res["rows"] = [measure(name, fn, make, dtype, args.reps)
                    for dtype in args.dtypes.split(",") for name, (fn, make) in regions().items()]
     res["load_after"] = load()

@@ -125,10 +125,10 @@ def summary(name: str, batch: int, concurrency: int, run: dict) -> dict:
 
 
 def serve_and_load(name: str, folder: Path, work: Path, items: list, args) -> tuple[list[dict], dict | None]:
-    """The load rows of one server, and its overhead at batch 16 (None when batch 16 is not run)."""
+    """The load rows of one server, and its overhead timings at batch 16 (None when batch 16 is not run)."""
     settings = scoring.Settings(max_batch=MAX_BATCH, precision="fp32", threads=args.threads)
     started = server.start(folder, 0, settings.env(), work / f"server_{name}.log")
-    rows, share = [], None
+    rows, timings = [], None
     try:
         server.wait_ready(started, 1800)
         for batch in args.batches:
@@ -138,10 +138,10 @@ def serve_and_load(name: str, folder: Path, work: Path, items: list, args) -> tu
                 rows.append(summary(name, batch, concurrency, load(started.port, payloads, concurrency, args.requests, args.seconds)))
                 print(rows[-1], flush=True)
         if 16 in args.batches:
-            share = overhead(started.port, folder, items, 16, args)
+            timings = overhead(started.port, folder, items, 16, args)
     finally:
         server.stop(started)
-    return rows, share
+    return rows, timings
 
 
 def overhead(port: int, folder: Path, items: list, batch: int, args) -> dict:
@@ -200,14 +200,14 @@ def find(rows: list[dict], model: str, batch: int, concurrency: int) -> dict | N
     return next((r for r in rows if (r["model"], r["batch"], r["concurrency"]) == (model, batch, concurrency)), None)
 
 
-def targets(rows: list[dict], accuracy: dict, overhead: dict) -> list[str]:
+def targets(rows: list[dict], accuracy: dict, overheads: dict) -> list[str]:
     lines = []
     fp32, int8 = find(rows, "fp32", 16, 4), find(rows, "int8", 16, 4)
     if fp32 and int8:
         ratio, points = int8["texts_per_s"] / fp32["texts_per_s"], 100 * (accuracy["fp32"] - accuracy["int8"])
         lines.append(f"- INT8 / fp32 throughput, concurrency 4, batch-16 requests: **{ratio:.2f}×** (target ≥ 2×), "
                      f"accuracy {100 * accuracy['int8']:.2f}% vs {100 * accuracy['fp32']:.2f}% ({points:+.2f} points lost; target ≤ 1).")
-    for name, t in overhead.items():
+    for name, t in overheads.items():
         share = t["server_ms"] / t["in_process_ms"] - 1
         row16 = find(rows, name, 16, 1)
         back_to_back = (f"; back to back (the concurrency-1 row's p50): {100 * (row16['p50_ms'] / t['in_process_ms'] - 1):+.1f}%"
@@ -222,7 +222,7 @@ def targets(rows: list[dict], accuracy: dict, overhead: dict) -> list[str]:
     return lines
 
 
-def write(rows, accuracy, overhead, backend, args) -> None:
+def write(rows, accuracy, overheads, backend, args) -> None:
     cpu = isa.detect()
     head = ("| model | batch | concurrency | requests | requests/s | texts/s | p50 ms | p95 ms | p99 ms |\n"
             "|---|---|---|---|---|---|---|---|---|")
@@ -239,7 +239,7 @@ def write(rows, accuracy, overhead, backend, args) -> None:
         f"- Load: loopback, closed loop, a new connection per request (gunicorn's sync workers close them), up to "
         f"{args.requests} requests or {args.seconds:.0f} s per row, real pairs of the eval split; requests beyond the one "
         "in service wait in the server's listen queue, as on an instance with max_concurrent_requests_per_instance above 1",
-        "", head, *[row(r) for r in rows], "", "## Targets", "", *targets(rows, accuracy, overhead), ""])
+        "", head, *[row(r) for r in rows], "", "## Targets", "", *targets(rows, accuracy, overheads), ""])
     RESULTS.write_text(text)
     print(text)
 
@@ -266,14 +266,14 @@ def main(argv=None) -> None:
     accuracy = {name: nlpwf(args.work / f"evaluate_{name}", "stage=evaluate", f"stage.model_path={folder}", "precision=fp32",
                             *args.data)["eval_accuracy"] for name, folder in folders.items()}
     items = eval_pairs(args.data, 16 * 32)
-    rows, shares = [], {}
+    rows, overheads = [], {}
     for name, folder in folders.items():
-        served, share = serve_and_load(name, folder, args.work, items, args)
+        served, timings = serve_and_load(name, folder, args.work, items, args)
         rows += served
-        if share is not None:
-            shares[name] = share
+        if timings is not None:
+            overheads[name] = timings
     backend = scoring.describe(folders["int8"])["backend"] if models.is_quantized(folders["int8"]) else "?"
-    write(rows, accuracy, shares, backend, args)
+    write(rows, accuracy, overheads, backend, args)
 
 
 if __name__ == "__main__":

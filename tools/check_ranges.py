@@ -15,8 +15,7 @@ named with --newest-torch. `--user-install` installs the package as a user does
 (`pip install -e . -e ./launchers`, plus pytest) instead of the dev extra: at torch's oldest end
 the dev extra cannot install, because neural-compressor[pt] pulls the newest torchao, which needs
 a newer torch (pip cannot bound it by the torch installed). Prints one line per pair and exits 1
-if any failed. Each venv holds a
-full torch (2-6 GB) and is deleted afterwards unless --keep.
+if any failed. Each venv holds a full torch (2-6 GB) and is deleted afterwards unless --keep.
 """
 from __future__ import annotations
 
