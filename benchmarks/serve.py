@@ -44,7 +44,7 @@ from nlpwf.runtime import isa, threads  # noqa: E402
 
 RESULTS = HERE / "results" / "serve.md"
 MAX_BATCH = 16
-GAP_S = 0.05  # idle time around each server request of the overhead measurement
+GAP_S = 0.05  # idle time before every call, server or in-process, of the overhead measurement
 
 
 def nlpwf(job: Path, *overrides: str) -> dict:
