@@ -46,7 +46,9 @@ def timed(fn) -> tuple[float, int, int]:
     return took, after.ru_minflt - before.ru_minflt, after.ru_nivcsw - before.ru_nivcsw
 
 
-def stats(calls: list[tuple[float, int, int]]) -> dict:
+def stats(calls: list[tuple[float, int, int]]) -> dict | None:
+    if not calls:  # e.g. every item of a short --items run had a length of its own
+        return None
     seconds = [c[0] for c in calls]
     p50, p99 = statistics.median(seconds), quantile(seconds, 0.99)
     return {"calls": len(calls), "p10_ms": 1000 * quantile(seconds, 0.10), "p50_ms": 1000 * p50,
@@ -113,6 +115,8 @@ def write(results: list[dict], args) -> None:
     for i, r in enumerate(results):
         for key, what in ROWS:
             s = r[key]
+            if s is None:
+                continue
             lines.append(f"| {r['threads']} | {i // len(args.threads) + 1} | {what} | {s['calls']} | {s['p10_ms']:.2f} | "
                          f"{s['p50_ms']:.2f} | {s['p90_ms']:.2f} | {s['p99_ms']:.2f} | **{s['ratio']:.2f}** | "
                          f"{s['faults_per_call']:.1f} | {s['switches_per_call']:.2f} |")
