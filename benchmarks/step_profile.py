@@ -6,11 +6,13 @@ forward, as the plain Trainer runs it) against nlpwf's unpadded one, by kind of 
 
 Both models start from the same weights and train on the same batches (MRPC train, batch 16, in
 the Trainer's random order, dynamic padding), one optimizer step each in turn: autocast for bf16,
-backward, gradient clipping at 1.0, fused AdamW, as Trainer does. Wall time per batch is the best
-of `--rounds` rounds (the machine is shared). Then one profiled round per model gives each kind
-of work's share of the step: the matmuls (dense layers and attention), drawing the dropout masks
-(`bernoulli_`: torch's CPU generator is one serial stream, so this runs on one core whatever the
-thread count, and both models draw the same masks), the optimizer and clipping, and the rest.
+backward, gradient clipping at 1.0, fused AdamW, as Trainer does, in a process set up as a
+training job's is: glibc keeps freed memory, and after the first round the heap goes onto huge
+pages (perf.huge_pages). Wall time per batch is the best of `--rounds` rounds (the machine is
+shared). Then one profiled round per model gives each kind of work's share of the step: the
+matmuls (dense layers and attention), drawing the dropout masks (`bernoulli_`: torch's CPU
+generator is one serial stream, so this runs on one core whatever the thread count, and both
+models draw the same masks), the optimizer and clipping, and the rest.
 
 The bound: if everything but the mask draws took time in proportion to the matmul FLOPs
 computed (train_speed.py's count: the padded tokens, or the real ones with the last layer for
@@ -105,9 +107,11 @@ def shares(model, optimizer, batches: list, bf16: bool) -> tuple[dict, list]:
     return out, sorted(other, key=lambda op: -op[1])[:TOP_OTHER]
 
 
-def measure(dtype: str, batches: list, cfg, task, rounds: int) -> dict:
+def measure(dtype: str, batches: list, cfg, task, rounds: int, heap) -> dict:
+    """`heap`: this process's runtime.hugepages.HeapPages, put on huge pages after the first round."""
     import torch
 
+    from nlpwf.runtime import hugepages
     from nlpwf.training import recorder
 
     bf16 = dtype == "bf16"
@@ -115,6 +119,8 @@ def measure(dtype: str, batches: list, cfg, task, rounds: int) -> dict:
     best = {name: [float("inf")] * len(batches) for name in models}
     losses = {name: [] for name in models}
     for r in range(rounds):
+        if r == 1:  # the first round grew the heap: onto huge pages, as a job's first step does (perf.huge_pages)
+            hugepages.back_heap(heap)
         for i, inputs in enumerate(batches):
             state = torch.get_rng_state()
             for name, (model, opt) in models.items():  # alternate, so load hits both alike
@@ -142,7 +148,8 @@ def measure(dtype: str, batches: list, cfg, task, rounds: int) -> dict:
 
 def render(res: dict) -> str:
     lines = [f"# Where a training step's time goes, {res['date']}", "",
-             f"Machine: {res['isa']}, {res['threads']} threads, torch {res['torch']}, allocator {res.get('allocator', '?')}. "
+             f"Machine: {res['isa']}, {res['threads']} threads, torch {res['torch']}, allocator {res.get('allocator', '?')}, "
+             f"heap: {res.get('huge_pages', '4 kB pages')}. "
              f"Load average before/after: "
              f"{res['load_before']} / {res['load_after']}. Command: `{res['command']}`.", "",
              f"MiniLM-L6 on MRPC train, batch 16, {res['runs'][next(iter(res['runs']))]['steps']} batches in the "
@@ -195,9 +202,10 @@ def main(argv=None) -> None:
     os.environ.update(ts.OFFLINE_ENV)
     import torch
 
-    from nlpwf.runtime import allocator, isa, threads
+    from nlpwf.runtime import allocator, hugepages, isa, threads
 
     torch.set_num_threads(args.threads or threads.physical_cores())
+    heap = hugepages.HeapPages()
     res = {"allocator": allocator.prepare(announce=False),  # as a training job sets it up (runtime.process)
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "isa": isa.detect().summary(),
            "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -206,8 +214,9 @@ def main(argv=None) -> None:
     batches, (cfg, task) = training_batches(args.data, args.batches)
     for dtype in args.dtypes.split(","):
         print(f"{dtype} ...", flush=True)
-        res["runs"][dtype] = measure(dtype, batches, cfg, task, args.rounds)
+        res["runs"][dtype] = measure(dtype, batches, cfg, task, args.rounds, heap)
     res["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    res["huge_pages"] = heap.status
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "step_profile.json").write_text(json.dumps(res, indent=1))
     md = render(res)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from nlpwf.errors import UserError
-from nlpwf.runtime import affinity, allocator, threads
+from nlpwf.runtime import affinity, allocator, hugepages, threads
 from nlpwf.runtime.contract import Rank
 from nlpwf.training import addons
 
@@ -93,6 +94,75 @@ def test_kept_freed_memory_is_reused_without_new_page_faults():
     pages = (12_000_000 + 3_000_000) * 4 // 4096  # what one step touches, once
     assert int(runs["default"][1]) > pages // 2  # every step: fresh mappings, zero-filled again
     assert int(runs["keep"][1]) < pages // 20    # the freed blocks were handed out again
+
+
+def test_kernel_thp_mode_is_the_bracketed_word(tmp_path):
+    setting = tmp_path / "enabled"
+    setting.write_text("always [madvise] never\n")
+    assert hugepages.kernel_mode(setting) == "madvise"
+    setting.write_text("[never] madvise always\n")
+    assert hugepages.kernel_mode(setting) == "never"
+    assert hugepages.kernel_mode(tmp_path / "absent") is None  # not Linux, or no THP in the kernel
+
+
+def test_heap_and_its_huge_pages_are_read_from_proc_files():
+    maps = ("55d0c1a00000-55d0c1a21000 r--p 00000000 08:01 123  /usr/bin/python3.11\n"
+            "55d0c3e00000-55d0e9600000 rw-p 00000000 00:00 0                          [heap]\n"
+            "7f1200000000-7f1204000000 rw-p 00000000 00:00 0 \n")
+    assert hugepages.heap_span(maps) == (0x55d0c3e00000, 0x55d0e9600000)
+    assert hugepages.heap_span(maps.replace("[heap]", "")) is None
+    # advised, the heap's later growth is a mapping of its own, also [heap]: the span covers both
+    grown = maps.replace(" \n", " \n55d0e9600000-55d0f0000000 rw-p 00000000 00:00 0  [heap]\n", 1)
+    assert hugepages.heap_span(grown) == (0x55d0c3e00000, 0x55d0f0000000)
+    smaps = ("55d0c1a00000-55d0c1a21000 r--p 00000000 08:01 123  /usr/bin/python3.11\nAnonHugePages:     4096 kB\n"
+             "55d0c3e00000-55d0e9600000 rw-p 00000000 00:00 0  [heap]\nRss:  614400 kB\nAnonHugePages:   612352 kB\n"
+             "55d0e9600000-55d0f0000000 rw-p 00000000 00:00 0  [heap]\nRss:  108544 kB\nAnonHugePages:   108544 kB\n")
+    assert hugepages.huge_bytes(0x55d0c3e00000, 0x55d0e9600000, smaps) == 612352 * 1024  # that heap mapping's only
+    assert hugepages.huge_bytes(0x55d0c3e00000, 0x55d0f0000000, smaps) == (612352 + 108544) * 1024
+    assert hugepages.huge_bytes(0x1000, 0x2000, smaps) == 0
+
+
+# A process whose heap holds 300 MB that training would reuse, put on huge pages, then grown by
+# 160 MB and put on huge pages again; AnonHugePages read from the kernel's own summary each time.
+HEAP = """
+import json, re, torch
+from nlpwf.runtime import allocator, hugepages
+def huge_mb():
+    return int(re.search(r"AnonHugePages:\\s+(\\d+) kB", open("/proc/self/smaps_rollup").read()).group(1)) >> 10
+allocator.keep_freed_memory()
+blocks = [torch.ones(25_000_000) for _ in range(3)]  # 300 MB, then freed: kept in the heap
+del blocks
+before = huge_mb()
+state = hugepages.back_heap(hugepages.HeapPages())
+first = dict(status=state.status, seconds=state.seconds, huge=huge_mb())
+again = hugepages.back_heap(state).seconds  # nothing new: nothing done
+kept = [torch.ones(70_000_000), torch.ones(40_000_000)]  # the first reuses the freed 300 MB, the second grows the heap
+grown = hugepages.back_heap(state)
+print(json.dumps(dict(before=before, first=first, again=again, second=grown.status, huge=huge_mb(), mode=hugepages.kernel_mode())))
+"""
+
+
+@pytest.mark.skipif(allocator.loaded_allocator() != "system" or not allocator.glibc(), reason="glibc malloc only")
+def test_the_heap_goes_onto_huge_pages_where_the_kernel_allows():
+    out = json.loads(subprocess.run([sys.executable, "-c", HEAP], capture_output=True, text=True, check=True).stdout)
+    first = out["first"]
+    if out["mode"] in (None, "never"):
+        assert first["status"].startswith("off: the kernel") and out["second"] == first["status"]
+        return
+    if first["status"].startswith("advised only"):  # a kernel before 6.1: no synchronous collapse
+        return
+    held, total = (int(n) for n in re.match(r"(\d+) of (\d+) MB of the heap on huge pages$", first["status"]).groups())
+    assert total >= 300 and held >= 0.9 * total, first
+    assert first["huge"] - out["before"] >= 0.9 * total  # the kernel's own count moved by as much
+    assert out["again"] == first["seconds"]  # the heap had not grown: no second collapse
+    held2, total2 = (int(n) for n in re.match(r"(\d+) of (\d+) MB", out["second"]).groups())
+    assert total2 >= total + 100 and held2 >= 0.9 * total2  # the part it grew by, collapsed too
+
+
+def test_huge_pages_off_says_why():
+    assert addons.huge_pages(None, {"huge_pages": False}) == "off"
+    assert addons.huge_pages(None, {"huge_pages": True, "keep_freed_memory": False}).startswith(
+        "off: perf.keep_freed_memory=false")
 
 
 def test_one_call_sets_a_process_up_and_says_what_it_got(monkeypatch):

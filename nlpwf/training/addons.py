@@ -1,6 +1,7 @@
 """What nlpwf changes in training, from the `perf` config node: training without computing the
-padding (unpad.py) and an optional DDP gradient-compression hook. What only observes training
-is recorder.py; the per-process set-up (threads, cores, allocator) is runtime.process.
+padding (unpad.py), the heap on huge pages once training has grown it (runtime.hugepages), and an
+optional DDP gradient-compression hook. What only observes training is recorder.py; the
+per-process set-up (threads, cores, allocator) is runtime.process.
 
 bf16 autocast, dynamic padding, length grouping, `torch_compile` and `ddp_bucket_cap_mb` are
 plain `precision` / `dataset` / `training` settings that transformers applies itself.
@@ -13,6 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from nlpwf.errors import UserError
+from nlpwf.runtime import hugepages
 from nlpwf.training import unpad
 
 log = logging.getLogger(__name__)
@@ -52,14 +54,38 @@ class CommHook(TrainerCallback):
         self.registered = self.name
 
 
+class HugePages(TrainerCallback):
+    """Puts this process's heap on huge pages (runtime.hugepages) at the end of the first
+    optimizer step, when it holds what every later step reuses (optimizer moments, gradients,
+    activations), and at each log after that, for what the heap gained since (an evaluation's
+    batches, a longer batch): a log is every `logging_steps` and after each evaluation."""
+
+    def __init__(self):
+        self.heap = hugepages.HeapPages()
+        self.started = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.started:
+            self.started = True
+            hugepages.back_heap(self.heap)
+            log.info("perf.huge_pages: %s (%.1f s)", self.heap.status, self.heap.seconds)
+
+    def on_log(self, args, state, control, **kwargs):
+        if self.started:
+            hugepages.back_heap(self.heap)
+
+
 class AddOns:
     """The add-ons put on one Trainer, and what became of them, for metrics.json."""
 
-    def __init__(self, trainer, unpadded: str, hook: CommHook | None):
-        self.trainer, self.unpadded, self.hook = trainer, unpadded, hook
+    def __init__(self, trainer, unpadded: str, hook: CommHook | None, pages: HugePages | str):
+        self.trainer, self.unpadded, self.hook, self.pages = trainer, unpadded, hook, pages
 
     def report(self) -> dict:
+        pages = self.pages if isinstance(self.pages, str) else self.pages.heap.status
+        seconds = 0.0 if isinstance(self.pages, str) else round(self.pages.heap.seconds, 2)
         return {"perf_unpad": self.unpadded, **unpad.counts(self.trainer.model),
+                "perf_huge_pages": pages, "perf_huge_pages_s": seconds,
                 "perf_ddp_comm_hook": self.hook.registered if self.hook else "none",
                 "perf_ddp_comm_hook_calls": self.hook.calls if self.hook else 0}
 
@@ -71,7 +97,19 @@ def attach(trainer, perf) -> AddOns:
     if hook is not None:
         trainer.add_callback(hook)
     unpadded = apply_unpad(trainer) if perf.get("unpad", False) else "off"
-    return AddOns(trainer, unpadded, hook)
+    return AddOns(trainer, unpadded, hook, huge_pages(trainer, perf))
+
+
+def huge_pages(trainer, perf) -> HugePages | str:
+    """The callback that puts the heap on huge pages, or why there is none (for metrics.json)."""
+    if not perf.get("huge_pages", False):
+        return "off"
+    if perf.get("keep_freed_memory", True) is False:
+        # glibc then maps each large tensor afresh every step, outside the heap
+        return "off: perf.keep_freed_memory=false puts large tensors outside the heap"
+    pages = HugePages()
+    trainer.add_callback(pages)
+    return pages
 
 
 def apply_unpad(trainer) -> str:
