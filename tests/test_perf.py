@@ -234,6 +234,17 @@ def test_dynamic_padding_pads_each_batch_to_its_longest_pair(shape_runs):
 
 
 @pytest.mark.slow
+def test_the_training_heap_goes_onto_huge_pages_after_the_first_step(shape_runs):
+    m = shape_runs["dynamic_random"][0]
+    status = m["perf_huge_pages"]
+    if hugepages.kernel_mode() in (None, "never") or allocator.loaded_allocator() != "system" or not allocator.glibc():
+        assert status.startswith("off: ") and m["perf_huge_pages_s"] == 0
+    elif not status.startswith("advised only"):  # kernels before 6.1 cannot collapse at once
+        held, total = (int(n) for n in re.match(r"(\d+) of (\d+) MB of the heap on huge pages$", status).groups())
+        assert total > 0 and held >= 0.9 * total and m["perf_huge_pages_s"] > 0
+
+
+@pytest.mark.slow
 def test_length_grouping_makes_batches_homogeneous(shape_runs):
     grouped, shuffled = shape_runs["dynamic_grouped"][0], shape_runs["dynamic_random"][0]
     assert grouped["perf_mean_length_spread"] < 0.4 * shuffled["perf_mean_length_spread"]
