@@ -14,10 +14,12 @@ at a time may still fault in 4 kB pages). glibc only asks when the process was s
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1, which a running process cannot set for itself. So
 `back_heap` does what that tunable would have: it marks glibc's heap MADV_HUGEPAGE and collapses
 what is already there into huge pages at once (MADV_COLLAPSE, Linux 6.1 and later). It pays
-once the heap holds what every later step reuses: after a first optimizer step, with
+once the heap holds what every later step reuses: after the first optimizer steps, with
 perf.keep_freed_memory keeping freed blocks in the heap (runtime.allocator). Collapsing copies
 the heap once (about 2 s for MiniLM-L6's 640 MB on 2 cores); blocks the heap gains later are
-collapsed when `back_heap` is called again, and what is already huge is skipped.
+collapsed when `back_heap` is called again, and what is already huge is skipped. Given the
+time of a step and the steps left, `back_heap` collapses only what those steps pay back
+(`pays`): a short run (a test, a smoke run) keeps its 4 kB pages.
 
 jemalloc and tcmalloc keep their memory outside glibc's heap: jemalloc has its own switch
 (MALLOC_CONF=thp:always), which a preload sets at process start.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import re
 import time
@@ -87,10 +90,25 @@ class HeapPages:
     seconds: float = 0.0         # spent collapsing, all calls together
 
 
-def back_heap(state: HeapPages) -> HeapPages:
+# When collapsing pays: a step ran about 1/1.06 of its time on huge pages, and collapsing took
+# about 2.7 ms per MB (MiniLM-L6's 638 MB in 1.7 s, a tiny BERT's 229 MB in 0.6 s), both measured
+# on Zen 4 with 2 threads (benchmarks/huge_pages.py). Taken lower than measured, so that a
+# collapse happens only where it clearly pays back.
+GAIN = 0.04                # of a step's time
+COLLAPSE_S_PER_MB = 3e-3
+
+
+def pays(mb: float, step_s: float, steps_left: int) -> bool:
+    """Whether collapsing `mb` of heap pays back within `steps_left` steps of `step_s` seconds."""
+    return GAIN * step_s * steps_left > COLLAPSE_S_PER_MB * mb
+
+
+def back_heap(state: HeapPages, step_s: float | None = None, steps_left: int | None = None) -> HeapPages:
     """Put glibc's heap on transparent huge pages, where this process and kernel allow it: the
-    part added since the last call (all of it the first time). Updates and returns `state`,
-    whose `status` says what holds now, or why nothing was done."""
+    part added since the last call (all of it the first time). With `step_s` and `steps_left`
+    (the training steps still to run, each taking about `step_s`), only when that pays back the
+    time collapsing takes (`pays`). Updates and returns `state`, whose `status` says what holds
+    now, or why nothing was done."""
     if state.status.startswith("off:"):
         return state  # what made it impossible does not change while the process runs
     reason = _unavailable()
@@ -105,6 +123,12 @@ def back_heap(state: HeapPages) -> HeapPages:
     begin = max(start, state.done_up_to - state.done_up_to % HUGE)  # whole 2 MB ranges: the last one may have grown
     if end - begin < HUGE:
         return state  # nothing new since the last call: its status holds
+    mb = (end - begin) / 2**20
+    if step_s is not None and steps_left is not None and not pays(mb, step_s, steps_left):
+        if not state.done_up_to:  # nothing collapsed yet: say why
+            state.status = (f"skipped: {steps_left} steps of {step_s:.3f} s left would not pay back "
+                            f"collapsing {mb:.0f} MB (runtime/hugepages.py, pays)")
+        return state
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     t = time.perf_counter()
@@ -123,8 +147,10 @@ def back_heap(state: HeapPages) -> HeapPages:
     return state
 
 
+@functools.cache
 def _unavailable() -> str | None:
-    """Why this process's heap cannot be put on huge pages, or None."""
+    """Why this process's heap cannot be put on huge pages, or None (the same for the life of
+    the process: the kernel's setting and the allocator, read once)."""
     mode = kernel_mode()
     if mode is None:
         return "the kernel has no transparent huge pages"

@@ -9,6 +9,7 @@ plain `precision` / `dataset` / `training` settings that transformers applies it
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from transformers import TrainerCallback
@@ -55,24 +56,32 @@ class CommHook(TrainerCallback):
 
 
 class HugePages(TrainerCallback):
-    """Puts this process's heap on huge pages (runtime.hugepages) at the end of the first
-    optimizer step, when it holds what every later step reuses (optimizer moments, gradients,
-    activations), and at each log after that, for what the heap gained since (an evaluation's
-    batches, a longer batch): a log is every `logging_steps` and after each evaluation."""
+    """Puts this process's heap on huge pages (runtime.hugepages) at the end of the second
+    optimizer step of the run, when the heap holds what every later step reuses (optimizer
+    moments, gradients, activations), if the steps left pay back the collapse (timed on that
+    step: the first one's time includes warm-up). At each log after that, the same for what the
+    heap gained since (an evaluation's batches, a longer batch): a log is every `logging_steps`
+    and after each evaluation."""
 
     def __init__(self):
         self.heap = hugepages.HeapPages()
-        self.started = False
+        self.steps = 0
+        self.began = 0.0
+        self.step_s: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.began = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.started:
-            self.started = True
-            hugepages.back_heap(self.heap)
+        self.steps += 1
+        if self.steps == 2:
+            self.step_s = time.perf_counter() - self.began
+            hugepages.back_heap(self.heap, self.step_s, state.max_steps - state.global_step)
             log.info("perf.huge_pages: %s (%.1f s)", self.heap.status, self.heap.seconds)
 
     def on_log(self, args, state, control, **kwargs):
-        if self.started:
-            hugepages.back_heap(self.heap)
+        if self.step_s is not None:
+            hugepages.back_heap(self.heap, self.step_s, state.max_steps - state.global_step)
 
 
 class AddOns:
