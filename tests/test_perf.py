@@ -202,8 +202,8 @@ def test_the_training_callback_collapses_the_heap_of_a_long_run_only():
 
 
 def test_huge_pages_off_says_why():
-    assert addons.huge_pages(None, {"huge_pages": False}) == "off"
-    assert addons.huge_pages(None, {"huge_pages": True, "keep_freed_memory": False}).startswith(
+    assert addons.huge_pages(None, {"huge_pages": False}).status == "off"
+    assert addons.huge_pages(None, {"huge_pages": True, "keep_freed_memory": False}).status.startswith(
         "off: perf.keep_freed_memory=false")
 
 

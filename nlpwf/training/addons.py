@@ -87,14 +87,12 @@ class HugePages(TrainerCallback):
 class AddOns:
     """The add-ons put on one Trainer, and what became of them, for metrics.json."""
 
-    def __init__(self, trainer, unpadded: str, hook: CommHook | None, pages: HugePages | str):
-        self.trainer, self.unpadded, self.hook, self.pages = trainer, unpadded, hook, pages
+    def __init__(self, trainer, unpadded: str, hook: CommHook | None, heap: hugepages.HeapPages):
+        self.trainer, self.unpadded, self.hook, self.heap = trainer, unpadded, hook, heap
 
     def report(self) -> dict:
-        pages = self.pages if isinstance(self.pages, str) else self.pages.heap.status
-        seconds = 0.0 if isinstance(self.pages, str) else round(self.pages.heap.seconds, 2)
         return {"perf_unpad": self.unpadded, **unpad.counts(self.trainer.model),
-                "perf_huge_pages": pages, "perf_huge_pages_s": seconds,
+                "perf_huge_pages": self.heap.status, "perf_huge_pages_s": round(self.heap.seconds, 2),
                 "perf_ddp_comm_hook": self.hook.registered if self.hook else "none",
                 "perf_ddp_comm_hook_calls": self.hook.calls if self.hook else 0}
 
@@ -109,16 +107,17 @@ def attach(trainer, perf) -> AddOns:
     return AddOns(trainer, unpadded, hook, huge_pages(trainer, perf))
 
 
-def huge_pages(trainer, perf) -> HugePages | str:
-    """The callback that puts the heap on huge pages, or why there is none (for metrics.json)."""
+def huge_pages(trainer, perf) -> hugepages.HeapPages:
+    """Put the callback that moves the heap onto huge pages on `trainer`, unless `perf` rules it
+    out; returns the heap's state, which says what became of it (for metrics.json)."""
     if not perf.get("huge_pages", False):
-        return "off"
+        return hugepages.HeapPages(status="off")
     if perf.get("keep_freed_memory", True) is False:
         # glibc then maps each large tensor afresh every step, outside the heap
-        return "off: perf.keep_freed_memory=false puts large tensors outside the heap"
+        return hugepages.HeapPages(status="off: perf.keep_freed_memory=false puts large tensors outside the heap")
     pages = HugePages()
     trainer.add_callback(pages)
-    return pages
+    return pages.heap
 
 
 def apply_unpad(trainer) -> str:
