@@ -1,7 +1,7 @@
 """Where a training step's time goes: MiniLM-L6 on MRPC, the padded model (transformers' own
 forward, as the plain Trainer runs it) against nlpwf's unpadded one, by kind of work.
 
-    python benchmarks/step_profile.py                   # fp32 and bf16, about 5 minutes on 2 cores
+    python benchmarks/step_profile.py                   # fp32 and bf16, about 3-5 minutes on 2 cores
     python benchmarks/step_profile.py --dtypes fp32 --batches 8 --rounds 2
 
 Both models start from the same weights and train on the same batches (MRPC train, batch 16, in
@@ -18,7 +18,14 @@ The bound: if everything but the mask draws took time in proportion to the matmu
 computed (train_speed.py's count: the padded tokens, or the real ones with the last layer for
 the pooled token only), the unpadded step would take R + (T - R) x computed/padded FLOPs, for a
 padded step of T with R spent drawing masks. `measured / bound` says how much of what computing
-less could give it gets. Writes results/step_profile.md and results/step_profile.json.
+less could give it gets.
+
+The floor: the unpadded model then takes the same steps with every sequence cut to two tokens
+(`floor_batches`), profiled the same way. Such a step keeps what a step costs whatever its batch
+(the optimizer and clipping, autocast's weight casts, the embedding gradient's fill, the
+weight-gradient matmuls, each op's own work), and its non-matmul time against the full step's
+matmul time is the lowest non-matmul / matmul the full step can reach without cutting any of
+that. Writes results/step_profile.md and results/step_profile.json.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ KINDS = {"aten::mm": "matmuls", "aten::addmm": "matmuls", "aten::bmm": "matmuls"
          "aten::linalg_vector_norm": "optimizer and clipping"}
 ORDER = ["matmuls", "dropout masks", "optimizer and clipping", "other"]
 TOP_OTHER = 8  # the report names this many of the ops inside "other"
+FLOOR_TOKENS = 2  # the floor's batches: each sequence cut to its first token and one more, or to the first alone (floor_batches)
 
 
 def training_batches(data: Path, n: int, batch: int = 16, seed: int = 42) -> tuple[list[dict], object]:
@@ -107,6 +115,19 @@ def shares(model, optimizer, batches: list, bf16: bool) -> tuple[dict, list]:
     return out, sorted(other, key=lambda op: -op[1])[:TOP_OTHER]
 
 
+def floor_batches(batches: list, tokens: int = FLOOR_TOKENS) -> list:
+    """`batches` with every sequence cut to its first `tokens` tokens, every other one a token
+    shorter (so that the unpadded forward packs them: a batch without padding runs the stock
+    forward). The same parameters, gradients, optimizer state and ops as a full step, with next to
+    no tokens: what the step costs whatever its batch."""
+    out = []
+    for b in batches:
+        cut = {k: v[:, :tokens].clone() for k, v in b.items() if k != "labels"}
+        cut["attention_mask"][1::2, -1] = 0
+        out.append({**cut, "labels": b["labels"]})
+    return out
+
+
 def measure(dtype: str, batches: list, cfg, task, rounds: int, heap) -> dict:
     """`heap`: this process's runtime.hugepages.HeapPages, put on huge pages after the first round."""
     import torch
@@ -137,6 +158,13 @@ def measure(dtype: str, batches: list, cfg, task, rounds: int, heap) -> dict:
     for name, (model, opt) in models.items():
         profile_s, other = shares(model, opt, batches, bf16)
         res[name] = {"step_s": sum(best[name]) / len(batches), "profile_s": profile_s, "other_ops": other}
+    # the floor: the unpadded step on batches of next to no tokens, after one round to warm its shapes
+    model, opt = models["unpadded"]
+    short = floor_batches(batches)
+    for inputs in short:
+        train_step(model, opt, inputs, bf16)
+    floor_s, floor_other = shares(model, opt, short, bf16)
+    res["floor"] = {"tokens": FLOOR_TOKENS, "profile_s": floor_s, "other_ops": floor_other}
     t_pad, t_unpad = res["padded"]["step_s"], res["unpadded"]["step_s"]
     prof = res["padded"]["profile_s"]
     masks = prof["dropout masks"] / sum(prof.values()) * t_pad  # the draws' share of the padded step, in wall time
@@ -187,6 +215,30 @@ def other_table(res: dict) -> list[str]:
             ops = ", ".join(f"{op.removeprefix('aten::')} {s / total:.0%} ({calls / r['steps']:.0f})"
                             for op, s, calls in r[name].get("other_ops", []))
             lines.append(f"| {dtype} | {name} | {ratio:.2f}x | {ops} |")
+    return lines + floor_table(res)
+
+
+def floor_table(res: dict) -> list[str]:
+    """The floor (measure): what a step of the unpadded model costs with next to no tokens, and its
+    non-matmul time against the full step's matmul time: the lowest non-matmul / matmul the full
+    step can have while it keeps all the floor holds."""
+    runs = {dtype: r for dtype, r in res["runs"].items() if "floor" in r}
+    if not runs:
+        return []
+    tokens = next(iter(runs.values()))["floor"]["tokens"]
+    lines = ["", f"The floor: the unpadded step on the same batches with each sequence cut to {tokens} tokens, profiled "
+             "the same way (ms per step): what a step costs whatever its batch. Floor / full: its non-matmul time "
+             "against the full unpadded step's matmul time, the lowest non-matmul / matmul the full step can reach "
+             "while it keeps everything the floor is made of.", "",
+             "| dtype | floor ms/step | matmuls | optimizer and clipping | other | floor / full | largest ops in its \"other\" (ms/step) |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for dtype, r in runs.items():
+        prof, steps = r["floor"]["profile_s"], r["steps"]
+        ms = {k: v / steps * 1e3 for k, v in prof.items()}
+        ratio = (prof["optimizer and clipping"] + prof["other"]) / r["unpadded"]["profile_s"]["matmuls"]
+        ops = ", ".join(f"{op.removeprefix('aten::')} {s / steps * 1e3:.1f}" for op, s, _ in r["floor"]["other_ops"])
+        lines.append(f"| {dtype} | {sum(ms.values()):.0f} | {ms['matmuls']:.0f} | {ms['optimizer and clipping']:.0f} | "
+                     f"{ms['other']:.0f} | {ratio:.2f}x | {ops} |")
     return lines
 
 

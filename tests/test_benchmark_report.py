@@ -120,3 +120,42 @@ def test_step_profile_names_what_other_is_made_of(monkeypatch):
                              "speedup": 1.0, "bound": 1.0, "max_loss_diff": 0.0}}}
     md = step_profile.render(res)
     assert "| bf16 | unpadded | 0.75x | copy_ 15% (10), fill_ 10% (2) |" in md
+
+
+def test_step_profile_floor_reports_the_short_step_against_the_full_steps_matmuls(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    step_profile = importlib.import_module("step_profile")
+    full = {"step_s": 0.25, "profile_s": {"matmuls": 2.0, "dropout masks": 0.0, "optimizer and clipping": 0.5, "other": 1.0},
+            "other_ops": []}
+    floor = {"tokens": 8, "profile_s": {"matmuls": 0.1, "dropout masks": 0.0, "optimizer and clipping": 0.4, "other": 0.3},
+             "other_ops": [("aten::copy_", 0.2, 40)]}
+    res = {"date": "today", "isa": "a CPU", "threads": 2, "torch": "2", "command": "c", "load_before": "0", "load_after": "0",
+           "runs": {"bf16": {"steps": 4, "real_tokens": 70, "padded_tokens": 100, "padded": full, "unpadded": full,
+                             "speedup": 1.0, "bound": 1.0, "max_loss_diff": 0.0, "floor": floor}}}
+    md = step_profile.render(res)
+    # per step: 200 ms in all, 25 matmuls, 100 optimizer, 75 other; (0.4 + 0.3) / 2.0 of the full step's matmuls
+    assert "| bf16 | 200 | 25 | 100 | 75 | 0.35x | copy_ 50.0 |" in md.splitlines()
+
+
+def test_step_profile_floor_batches_are_short_and_still_padded(monkeypatch):
+    """The floor's batches keep padding in every other sequence, so the unpadded forward packs
+    them rather than running the stock forward (which it does for a batch without padding)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    step_profile = importlib.import_module("step_profile")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from nlpwf.training import bert_parts, unpad
+
+    mask = torch.ones(4, 20, dtype=torch.long)
+    mask[2, 15:] = 0
+    batch = {"input_ids": torch.arange(80).view(4, 20) % 50, "token_type_ids": torch.zeros(4, 20, dtype=torch.long),
+             "attention_mask": mask, "labels": torch.tensor([0, 1, 0, 1])}
+    (short,) = step_profile.floor_batches([batch], tokens=5)
+    assert short["input_ids"].shape == (4, 5) and torch.equal(short["labels"], batch["labels"])
+    assert short["attention_mask"].sum(dim=1).tolist() == [5, 4, 5, 4]
+    assert int(batch["attention_mask"].sum()) == 75  # the full batch is left as it was
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=16))
+    assert unpad._can_pack(model, bert_parts.read(model), short["input_ids"], short["attention_mask"], None, {})
